@@ -1,0 +1,107 @@
+"""Checkpoints: a directory holding everything needed to use (and resume) a model.
+
+    <ckpt>/config.json        {"kind": "tokenizer"|"prior"|..., "config": {...}, ...}: rebuilds the model, no argv
+    <ckpt>/model.safetensors  the weights to *use* (the EMA weights where EMA exists; frozen codebooks included)
+    <ckpt>/<name>.safetensors further weight sets (raw generator weights, discriminator, ...) for resuming
+    <ckpt>/state.pt           optimiser / step / RNG state, read back with torch.load(weights_only=True)
+
+A checkpoint is written into `<ckpt>.tmp-<pid>` and renamed into place, so an interrupted write never leaves a half
+checkpoint where a reader (or --resume) would find it; the previous checkpoint stays loadable. Nothing here unpickles
+arbitrary objects: weights are safetensors and the state file is restricted to tensors and plain containers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_VERSION = 1
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses non-contiguous and shared-storage tensors; a clone per tensor is cheap next to disk I/O.
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, *, config: dict, weights: dict[str, dict[str, torch.Tensor]],
+                    state: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically. `weights` maps file stem -> state_dict ("model" is required)."""
+    path = Path(path)
+    if "model" not in weights:
+        raise ValueError("save_checkpoint needs weights['model'] (the weights to use)")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, sd in weights.items():
+        save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"))
+    meta = {"checkpoint_version": CHECKPOINT_VERSION, **config}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if state is not None:
+        torch.save(state, tmp / "state.pt")
+    # Replace an existing checkpoint of the same name: move it aside first so a crash between the two renames
+    # still leaves one complete copy on disk.
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{cfg_file} not found: {path} is not a checkpoint directory (expected config.json + model.safetensors "
+            f"written by a training pipeline)")
+    return json.loads(cfg_file.read_text())
+
+
+def load_checkpoint(path: str | Path, names: tuple[str, ...] = ("model",),
+                    map_location: str = "cpu") -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config, {name: state_dict}) of a checkpoint directory."""
+    path = Path(path)
+    config = load_config(path)
+    weights = {}
+    for name in names:
+        f = path / f"{name}.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} missing from checkpoint {path}")
+        weights[name] = load_file(str(f), device=map_location)
+    return config, weights
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Trainer state (optimiser, step, RNG) — tensors and plain containers only (weights_only=True)."""
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256 over config.json and model.safetensors: the identity downstream manifests refer to."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(Path(path) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete `step-*` checkpoint in `<run_dir>/checkpoints`, or None."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-[0-9]*"))
+    ckpts = [c for c in ckpts if ".tmp-" not in c.name and ".old-" not in c.name and (c / "config.json").is_file()]
+    return ckpts[-1] if ckpts else None
