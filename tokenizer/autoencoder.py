@@ -1,0 +1,78 @@
+"""The tokenizer: encoder -> quantizer -> decoder, composed from injected parts (as EnCodec's model).
+
+    ae = build_tokenizer(TokenizerConfig(size="tiny", num_codes=1024))
+    codes = ae.encode(x)        # (B, *grid) int64
+    x_hat = ae.decode(codes)    # no quantizing inside decode: codes -> quantizer.decode_codes -> decoder
+    out = ae(x)                 # AEOutput(x_hat, codes, losses={"vq/commit": ...})
+
+Any quantizer registered in `tokenizer.quantizers` plugs in; its dim is the net's z_channels.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .nets import Decoder, Encoder, get_net_config
+from .quantizers import build_quantizer
+
+
+@dataclass
+class TokenizerConfig:
+    size: str = "tiny"            # key of tokenizer.nets.NET_SIZES ("tiny", "s", "b", "audio-s")
+    dims: int = 2                 # 2 = images (B, C, H, W); 1 = audio (B, C, T)
+    in_channels: int = 3          # 3 for RGB, 1 for mono audio / grayscale
+    quantizer: str = "simvq"      # name in tokenizer.quantizers.QUANTIZERS
+    num_codes: int = 1024         # codebook size K
+    # Extra keyword arguments of the quantizer, e.g. {"beta": 0.25, "bias": True,
+    # "rotation_trick": False}; empty = the quantizer's own defaults (the paper's).
+    quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class AEOutput(NamedTuple):
+    x_hat: torch.Tensor               # (B, C, *S) reconstruction
+    codes: torch.Tensor               # (B, *grid) int64
+    losses: dict[str, torch.Tensor]   # {"vq/commit": scalar}, weighted later by the training config
+
+
+class VQAutoencoder(nn.Module):
+    def __init__(self, encoder: nn.Module, quantizer: nn.Module, decoder: nn.Module, downsample_factor: int):
+        super().__init__()
+        self.encoder = encoder
+        self.quantizer = quantizer
+        self.decoder = decoder
+        self.downsample_factor = downsample_factor
+
+    def grid_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Token grid for an input's spatial shape, e.g. (16, 16) -> (4, 4); a full (B, C, *S) shape is
+        accepted too (batch and channel dims are dropped)."""
+        spatial = tuple(input_shape)
+        dims = getattr(self.encoder, "dims", None)
+        if dims is not None and len(spatial) == dims + 2:
+            spatial = spatial[2:]
+        f = self.downsample_factor
+        if any(s % f for s in spatial):
+            raise ValueError(f"input shape {spatial} is not divisible by the downsampling factor {f}")
+        return tuple(s // f for s in spatial)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(self.encoder(x)).codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.quantizer.decode_codes(codes))
+
+    def forward(self, x: torch.Tensor) -> AEOutput:
+        q = self.quantizer(self.encoder(x))
+        return AEOutput(x_hat=self.decoder(q.z_q), codes=q.codes, losses={"vq/commit": q.loss})
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> VQAutoencoder:
+    net = get_net_config(cfg.size)
+    quantizer = build_quantizer(cfg.quantizer, dim=net.z_channels, num_codes=cfg.num_codes, **cfg.quantizer_kwargs)
+    return VQAutoencoder(
+        Encoder(net, in_channels=cfg.in_channels, dims=cfg.dims),
+        quantizer,
+        Decoder(net, out_channels=cfg.in_channels, dims=cfg.dims),
+        downsample_factor=net.downsample_factor,
+    )
