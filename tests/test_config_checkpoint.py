@@ -1,0 +1,98 @@
+"""Config parsing (unknown keys and wrong types are errors) and atomic checkpoints."""
+import json
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_state, save_checkpoint
+from pipelines.config import ConfigError, from_dict, parse_config, to_dict
+
+
+@dataclass
+class Inner:
+    size: str = "tiny"  # registry name
+    mult: tuple[int, ...] = (1, 2)  # channel multipliers
+
+
+@dataclass
+class Outer:
+    steps: int = 10  # optimiser steps
+    lr: float = 1e-4  # learning rate
+    ema: bool = True  # keep an EMA copy
+    out: str | None = None  # output dir
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"recon/l1": 1.0})
+    model: Inner = field(default_factory=Inner)
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('steps = 5\nlr = 0.5\n[model]\nsize = "b"\nmult = [1, 2, 4]\n')
+    cfg = parse_config(Outer, ["--config", str(toml), "--steps=7", "--model.mult=1,1", "--ema=false", "--out", "x"])
+    assert cfg == Outer(steps=7, lr=0.5, ema=False, out="x", model=Inner(size="b", mult=(1, 1)))
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert json.loads(json.dumps(to_dict(cfg)))["model"]["mult"] == [1, 1]
+    assert parse_config(Outer, ['--loss_weights={"gan/g": 0.1}']).loss_weights == {"gan/g": 0.1}
+    assert parse_config(Outer, ["--out=none"]).out is None
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--stepz=3"], "unknown config key stepz"),
+    (["--model.sise=b"], "unknown config key model.sise"),
+    (["--steps=three"], "steps: expected an integer"),
+    (["--lr=fast"], "lr: expected a number"),
+    (["--ema=maybe"], "ema: expected true/false"),
+    (["steps=3"], "use --key=value"),
+])
+def test_config_errors_name_the_key(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_config(Outer, argv)
+    assert needle in str(e.value)
+    if "unknown" in needle:
+        assert "valid keys" in str(e.value)
+
+
+def test_checkpoint_round_trip_and_latest(tmp_path):
+    run = tmp_path / "run"
+    sd = {"w": torch.randn(3, 4), "b": torch.arange(3)}
+    for step in (10, 20):
+        save_checkpoint(run / "checkpoints" / f"step-{step:09d}", config={"kind": "x", "step": step},
+                        weights={"model": sd, "raw": {"w": torch.zeros(1)}},
+                        state={"step": step, "rng": torch.get_rng_state(), "opt": {"lr": [0.1]}})
+    last = latest_checkpoint(run)
+    assert last.name == "step-000000020"
+    cfg, w = load_checkpoint(last, names=("model", "raw"))
+    assert cfg["step"] == 20 and torch.equal(w["model"]["w"], sd["w"]) and torch.equal(w["model"]["b"], sd["b"])
+    assert load_state(last)["opt"] == {"lr": [0.1]}
+
+
+def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "ck"
+    save_checkpoint(path, config={"v": 1}, weights={"model": {"w": torch.ones(2)}})
+
+    import pipelines.checkpoint as ck
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ck.torch, "save", crash)  # dies after the weights, before the state file
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, config={"v": 2}, weights={"model": {"w": torch.zeros(2)}}, state={"step": 1})
+    cfg, w = load_checkpoint(path)
+    assert cfg["v"] == 1 and torch.equal(w["model"]["w"], torch.ones(2))
+    # a half-written directory is never taken for the latest checkpoint
+    os.makedirs(tmp_path / "run" / "checkpoints" / "step-000000002.tmp-1")
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "step-000000001", config={}, weights={"model": {}})
+    assert latest_checkpoint(tmp_path / "run").name == "step-000000001"
+
+
+class Evil:
+    pass
+
+
+def test_state_file_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "ck"
+    save_checkpoint(path, config={}, weights={"model": {}}, state={"obj": Evil()})
+    with pytest.raises(Exception):
+        load_state(path)  # weights_only=True: no unpickling of arbitrary classes
