@@ -1,0 +1,200 @@
+"""Media bytes <-> tensors: one place that knows how images and audio are normalised and decoded.
+
+Two moments touch the pixels/samples of a file:
+
+1. Shard time (`normalise`): an arbitrary user file (any PIL mode, any size; any wav layout and rate) is
+   turned *once* into canonical bytes that go into the shard:
+   - image: PNG of 8-bit RGB. Resize policy (`MediaSpec.resize`):
+     "short_side" (default) resizes the short side to `size` and keeps the aspect ratio, so that the
+     paper's training augmentation (random crop along the long side, SimVQ spec section 3) still has
+     something to crop at read time; "center_crop" also center-crops to size x size (smallest shards);
+     "none" stores the original resolution (the reader resizes).
+   - audio: 16-bit PCM mono WAV at `sample_rate` (channels averaged, resampled with
+     torchaudio.functional.resample), full length; crops happen at read time.
+2. Read time (`decode`): canonical bytes -> float tensor in [-1, 1]:
+   - image (3, size, size): resize short side to `size` if needed, random crop (train) or center crop
+     (eval). No flip, as in the paper.
+   - audio (1, clip): random (train) or centered (eval) crop of `clip_seconds`; clips shorter than that
+     are zero-padded at the end.
+
+Audio is a preset of the same code (`modality="audio"` selects another `Modality` in `MODALITIES`),
+not a second pipeline. Anything that cannot be decoded raises `MediaError`; the shard writer catches
+it, logs the path and records it in the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+AUDIO_EXTENSIONS = (".wav", ".flac")
+RESIZE_POLICIES = ("short_side", "center_crop", "none")
+WHITE = (255, 255, 255)  # transparent pixels are composited onto white (their RGB is often garbage)
+
+
+class MediaError(ValueError):
+    """A file that cannot be read as the requested modality (corrupt, truncated, unsupported mode)."""
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """How media are normalised at shard time and decoded at read time. Stored in the shard manifest."""
+
+    modality: str = "image"  # "image" | "audio": picks the entry of MODALITIES
+    size: int = 128  # image: short side at shard time and crop side at read time, in pixels
+    resize: str = "short_side"  # image shard-time policy: short_side | center_crop | none (see module doc)
+    sample_rate: int = 24_000  # audio: every clip is resampled to this rate at shard time (paper: 24 kHz)
+    clip_seconds: float = 1.0  # audio: crop length at read time (paper: 1-second crops)
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"MediaSpec.modality={self.modality!r}; choose one of {sorted(MODALITIES)}")
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"MediaSpec.resize={self.resize!r}; choose one of {RESIZE_POLICIES}")
+        if self.size < 1 or self.sample_rate < 1 or self.clip_seconds <= 0:
+            raise ValueError(f"MediaSpec needs size, sample_rate, clip_seconds > 0, got {self}")
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.sample_rate * self.clip_seconds))
+
+
+# ---------------------------------------------------------------------------------------------- image
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white; 16/32-bit and float greys are rescaled
+    (PIL's own convert() clips I;16 to 255, which turns a 16-bit photo white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":  # palette: its transparency lives in info, go through RGBA to honour it
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        grey = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey
+        elif grey.max(initial=0.0) > 255:
+            grey = grey / 257.0  # 16-bit range [0, 65535] -> [0, 255]
+        grey8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey8, mode="L").convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, ... (PIL raises for modes it cannot convert)
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))  # short side exactly `size`
+    return img.resize(new, Image.Resampling.BICUBIC)
+
+
+def crop_square(img: Image.Image, size: int, rng: random.Random | None) -> Image.Image:
+    """Center crop when rng is None (eval), else a uniformly random size x size window (train)."""
+    w, h = img.size
+    if rng is None:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+    return img.crop((left, top, left + size, top + size))
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Bytes -> fully loaded RGB image (load() forces decoding so truncated files fail here, not later)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+        return to_rgb(img)
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+        raise MediaError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def normalise_image(data: bytes, spec: MediaSpec) -> bytes:
+    img = open_image(data)
+    if spec.resize != "none":
+        img = resize_short_side(img, spec.size)
+    if spec.resize == "center_crop":
+        img = crop_square(img, spec.size, rng=None)
+    return image_to_png(img)
+
+
+def image_to_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    to_rgb(img).save(buf, format="PNG")  # lossless, so the shard holds exactly the normalised pixels
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, spec: MediaSpec, rng: random.Random | None) -> torch.Tensor:
+    img = crop_square(resize_short_side(open_image(data), spec.size), spec.size, rng)
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------------- audio
+def read_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Bytes -> (mono float32 (T,), sample rate). Channels are averaged."""
+    try:
+        wav, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
+    except Exception as exc:
+        raise MediaError(f"cannot decode audio: {type(exc).__name__}: {exc}") from exc
+    if wav.shape[0] == 0:
+        raise MediaError("audio file has no samples")
+    return wav.mean(axis=1), rate
+
+
+def normalise_audio(data: bytes, spec: MediaSpec) -> bytes:
+    wav, rate = read_audio(data)
+    if rate != spec.sample_rate:
+        resampled = torchaudio.functional.resample(torch.from_numpy(wav), rate, spec.sample_rate)
+        wav = resampled.numpy()
+    buf = io.BytesIO()
+    # PCM_16 clips to [-1, 1): the same range the tokenizer sees, and half the bytes of float32.
+    soundfile.write(buf, np.clip(wav, -1.0, 1.0), spec.sample_rate, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
+def decode_audio(data: bytes, spec: MediaSpec, rng: random.Random | None) -> torch.Tensor:
+    wav, rate = read_audio(data)
+    if rate != spec.sample_rate:
+        raise MediaError(f"shard audio is {rate} Hz but the manifest says {spec.sample_rate} Hz")
+    clip = spec.clip_samples
+    if len(wav) < clip:
+        wav = np.pad(wav, (0, clip - len(wav)))  # short clips: zero-pad at the end
+    start = (len(wav) - clip) // 2 if rng is None else rng.randint(0, len(wav) - clip)
+    return torch.from_numpy(np.ascontiguousarray(wav[start : start + clip])).unsqueeze(0)  # (1, T)
+
+
+# ------------------------------------------------------------------------------------------- registry
+class Modality(NamedTuple):
+    field: str  # the webdataset field (file extension inside the tar) that holds the bytes
+    extensions: tuple[str, ...]  # source files picked up when scanning a folder
+    normalise: Callable[[bytes, MediaSpec], bytes]  # shard time
+    decode: Callable[[bytes, MediaSpec, random.Random | None], torch.Tensor]  # read time
+
+
+MODALITIES: dict[str, Modality] = {
+    "image": Modality("png", IMAGE_EXTENSIONS, normalise_image, decode_image),
+    "audio": Modality("wav", AUDIO_EXTENSIONS, normalise_audio, decode_audio),
+}
+
+
+def normalise(data: bytes, spec: MediaSpec) -> bytes:
+    """Source file bytes -> canonical shard bytes (raises MediaError)."""
+    return MODALITIES[spec.modality].normalise(data, spec)
+
+
+def decode(data: bytes, spec: MediaSpec, rng: random.Random | None) -> torch.Tensor:
+    """Canonical shard bytes -> float tensor in [-1, 1]; rng=None means the deterministic eval crop."""
+    return MODALITIES[spec.modality].decode(data, spec, rng)
