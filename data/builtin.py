@@ -57,7 +57,7 @@ def digits(size: int = 16) -> Source:
     pixels = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
 
     def render(index: int) -> bytes:
-        grey = Image.fromarray(pixels[index], mode="L")
+        grey = Image.fromarray(pixels[index])
         return image_to_png(grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB"))
 
     items = [SourceItem(f"digits/{i:05d}", int(bunch.target[i]), f"load_digits[{i}]", lambda i=i: render(i))

@@ -87,7 +87,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         elif grey.max(initial=0.0) > 255:
             grey = grey / 257.0  # 16-bit range [0, 65535] -> [0, 255]
         grey8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey8, mode="L").convert("RGB")
+        return Image.fromarray(grey8).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, ... (PIL raises for modes it cannot convert)
 
 

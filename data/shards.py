@@ -122,9 +122,10 @@ class ShardSink:
         self.current.add(key, fields)
         self.count += 1
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Finish the open shard (rename into place), or on `error` delete its temp file."""
         if self.current is not None:
-            self.current.__exit__(None, None, None)
+            self.current.__exit__(type(error) if error else None, error, None)
             self.current = None
 
 
@@ -196,19 +197,24 @@ def write_media_shards(source: Source, out_dir: str | Path, spec: MediaSpec, *, 
     skipped: list[dict[str, str]] = []
     seen: set[str] = set()
     field_name = MODALITIES[spec.modality].field
-    for item in source.items:
-        try:
-            if item.key in seen:
-                raise MediaError(f"duplicate key {item.key!r} (names that differ only in '.' vs '_')")
-            raw = item.read()
-            payload = raw if source.canonical else normalise(raw, spec)
-        except (MediaError, OSError) as exc:  # a bad file costs one sample, never the whole run
-            log(f"make_shards: skipping {item.origin}: {exc}")
-            skipped.append({"origin": item.origin, "reason": str(exc)})
-            continue
-        seen.add(item.key)
-        split = assign_split(item.key, split_seed, val_fraction)
-        sinks[split].add(item.key, {field_name: payload, "cls": str(item.label).encode()})
+    try:
+        for item in source.items:
+            try:
+                if item.key in seen:
+                    raise MediaError(f"duplicate key {item.key!r} (names that differ only in '.' vs '_')")
+                raw = item.read()
+                payload = raw if source.canonical else normalise(raw, spec)
+            except (MediaError, OSError) as exc:  # a bad file costs one sample, never the whole run
+                log(f"make_shards: skipping {item.origin}: {exc}")
+                skipped.append({"origin": item.origin, "reason": str(exc)})
+                continue
+            seen.add(item.key)
+            split = assign_split(item.key, split_seed, val_fraction)
+            sinks[split].add(item.key, {field_name: payload, "cls": str(item.label).encode()})
+    except BaseException as exc:  # Ctrl-C or a bug: no temp files, no manifest; rerun with --overwrite=true
+        for sink in sinks.values():
+            sink.close(error=exc)
+        raise
     for sink in sinks.values():
         sink.close()
     if not seen:
