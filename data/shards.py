@@ -299,7 +299,8 @@ def media_loader(shard_dir: str | Path, split: str, batch_size: int, train: bool
 
     eval (train=False): every sample of the split exactly once, whole shards split across ranks
     (`split_by_node`) then workers (`split_by_worker`); center crops; the last batch may be short.
-    With num_workers=0 on one rank the order is the shard order (= the order written).
+    With num_workers=0 on one rank the order is the shard order (= the order written). A rank gets no
+    batches when there are fewer shards than ranks: shard with a smaller --shard_max_count then.
 
     train (train=True): `epoch_len` batches per process (default: one pass worth, ceil(count /
     (batch_size * world_size))), rounded up to a multiple of max(1, num_workers). Shards are resampled
