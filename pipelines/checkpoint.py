@@ -105,3 +105,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-[0-9]*"))
     ckpts = [c for c in ckpts if ".tmp-" not in c.name and ".old-" not in c.name and (c / "config.json").is_file()]
     return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path, hint: str = "") -> Path:
+    """A checkpoint directory, or a run directory whose newest checkpoint is taken."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint at {path} (neither a checkpoint directory nor a run directory with "
+                                f"checkpoints/step-*){'; ' + hint if hint else ''}")
+    return latest
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
+    """(VQAutoencoder in eval mode with the exported (EMA) weights, checkpoint dir) — rebuilt from config.json."""
+    from pipelines.config import from_dict
+    from tokenizer import TokenizerConfig, build_tokenizer
+    ckpt = resolve_checkpoint(path, hint="train one with `python -m pipelines.train_tokenizer`")
+    config, weights = load_checkpoint(ckpt)
+    if config.get("kind") != "tokenizer":
+        raise ValueError(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a tokenizer")
+    model = build_tokenizer(from_dict(TokenizerConfig, config["config"]))
+    model.load_state_dict(weights["model"])  # strict: a missing frozen codebook is an error, never re-drawn
+    return model.to(device).eval(), ckpt
