@@ -1,0 +1,179 @@
+"""Train the autoregressive prior on token shards (the codes of a frozen tokenizer).
+
+    python -m pipelines.train_prior --tokens=runs/digits/tokens --out=runs/digits/prior --loop.steps=2000
+    accelerate launch -m pipelines.train_prior --config=configs/prior_b.toml       # several GPUs / nodes
+    python -m pipelines.train_prior ... --loop.resume=true                           # after an interruption
+
+The prior's vocabulary (model.num_codes = K), length (model.seq_len = prod(grid)) and classes (model.num_classes)
+are filled from the token manifest; setting one that disagrees is an error, never a silently different model. The
+manifest's identity (tokenizer hash, quantizer, K, grid, class names) travels in the checkpoint under
+`train_config.token_manifest`, so `pipelines.sample` can refuse to decode this prior's codes with another tokenizer.
+
+Objective: next-code cross-entropy (teacher forcing behind a class prefix token), logged as train/loss and
+train/accuracy (top-1 per token); val/loss and val/accuracy over the val token split every loop.eval_every steps.
+AdamW (betas 0.9/0.95, weight decay 0.05 on matrices only) with linear warm-up and cosine decay, as LlamaGen trains
+its GPT priors (arXiv 2406.06525 §3).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from data.shards import ManifestError
+from data.tokens import ENCODE_HINT, TokenLoader, TokenManifest, TokenSet, load_tokens
+from pipelines.config import ConfigError, parse_config, to_dict
+from pipelines.trainer import LoopConfig, Trainer
+from prior import PriorConfig, build_prior, count_parameters
+
+# The PriorConfig fields the token manifest decides.
+FROM_MANIFEST = ("num_codes", "seq_len", "num_classes")
+
+
+@dataclass
+class TrainPriorConfig:
+    tokens: str = "runs/digits/tokens"  # token shard directory (python -m pipelines.encode_shards)
+    out: str = "runs/digits/prior"  # run directory: checkpoints/, log.jsonl, tb/
+    batch_size: int = 64  # sequences per micro-batch per process
+    eval_batches: int = 0  # val batches per evaluation; 0 = the whole val split
+    weight_decay: float = 0.05  # AdamW decay on weight matrices and embeddings; none on norms and biases
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas; beta2 0.95 keeps transformer training stable
+    model: PriorConfig = field(default_factory=PriorConfig)  # num_codes / seq_len / num_classes: from the manifest
+    # No EMA by default: LlamaGen's priors train without one and the cosine decay already settles the weights;
+    # turn it on with --loop.ema_decay=0.999 (evaluation and the exported weights then use the EMA copy).
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(
+        steps=2000, lr=3e-4, lr_schedule="cosine", warmup_steps=100, grad_clip=1.0, ema_decay=0.0,
+        eval_every=250, ckpt_every=500))
+
+
+def parse_with_manifest(argv: list[str] | None, base: dict | None) -> tuple[TrainPriorConfig, TokenManifest]:
+    """Parse the config with the manifest's K, L and class count as defaults, then refuse user values that differ.
+
+    The manifest values sit below the user's base dict, TOML file and --key=value, so a disagreeing value can
+    only come from the user.
+    """
+    # parse_config builds a nested section from its class defaults as soon as one of its keys is given, which
+    # would drop this stage's own `loop` defaults (cosine, warm-up, clipping): seed them through `base` instead.
+    defaults = TrainPriorConfig()
+    base = dict(base or {})
+    base["loop"] = {**to_dict(defaults.loop), **base.get("loop", {})}
+    first = parse_config(TrainPriorConfig, argv, base)
+    manifest = TokenManifest.load(first.tokens)
+    filled = {"num_codes": manifest.num_codes, "seq_len": manifest.seq_len, "num_classes": len(manifest.class_names)}
+    base["model"] = {**filled, **base.get("model", {})}
+    cfg = parse_config(TrainPriorConfig, argv, base)
+    wrong = [f"model.{k}={getattr(cfg.model, k)} but the token manifest says {filled[k]}"
+             for k in FROM_MANIFEST if getattr(cfg.model, k) != filled[k]]
+    if wrong:
+        raise ConfigError(f"{first.tokens}/manifest.json: " + "; ".join(wrong) + ". Leave these keys unset (they "
+                          f"are filled from the token shards) or point --tokens at the shards they describe")
+    return cfg, manifest
+
+
+def check_labels(tokens: TokenSet, num_classes: int, where: str) -> None:
+    if len(tokens.labels) == 0 or num_classes == 0:
+        return
+    lo, hi = int(tokens.labels.min()), int(tokens.labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ManifestError(f"{where}: labels span {lo}..{hi} but the manifest names {num_classes} classes; a "
+                            f"class-conditional prior needs a label in [0, {num_classes}) on every sample. {ENCODE_HINT}")
+
+
+def adamw(model: torch.nn.Module, cfg: TrainPriorConfig) -> torch.optim.AdamW:
+    # Decay only tensors with >= 2 dims (matrices, embeddings): decaying norm gains and biases only hurts (nanoGPT).
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.loop.lr, betas=cfg.betas)
+
+
+def next_code_loss(logits: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, top-1 accuracy), as Prior.loss computes them. Training calls the prepared model's forward
+    and scores its logits here, because Prior.loss calls the inner module and would bypass DDP's gradient sync."""
+    B, L, K = logits.shape  # batch, code positions, codes
+    loss = F.cross_entropy(logits.reshape(B * L, K).float(), codes.reshape(B * L))
+    accuracy = (logits.argmax(dim=-1) == codes).float().mean()
+    return loss, accuracy
+
+
+def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, float]:
+    cfg, manifest = parse_with_manifest(argv, base)
+    # The run's identity of its inputs, recorded in every checkpoint's train_config: sampling checks it.
+    token_manifest = {k: v for k, v in asdict(manifest).items() if k not in ("counts", "shards")}
+    full_config = {**to_dict(cfg), "token_manifest": token_manifest}
+    trainer = Trainer(cfg.loop, cfg.out, kind="prior", model_config=to_dict(cfg.model), full_config=full_config)
+    device, acc = trainer.device, trainer.accelerator
+    conditional = cfg.model.num_classes > 0
+
+    train_set = load_tokens(cfg.tokens, "train")
+    val_set = load_tokens(cfg.tokens, "val") if manifest.counts.get("val", 0) > 0 else None
+    check_labels(train_set, cfg.model.num_classes, f"{cfg.tokens} (train)")
+    if val_set is not None:
+        check_labels(val_set, cfg.model.num_classes, f"{cfg.tokens} (val)")
+
+    torch.manual_seed(cfg.loop.seed)  # the same initial weights on every process
+    prior = build_prior(cfg.model)
+    acc.print(f"prior {cfg.model.size}: {count_parameters(prior) / 1e6:.2f}M parameters, K={cfg.model.num_codes}, "
+              f"L={cfg.model.seq_len}, classes={cfg.model.num_classes}, {len(train_set.keys)} train sequences")
+    model = trainer.add("prior", prior, adamw(prior, cfg), ema=True)
+
+    def loader(epoch: int, skip: int) -> TokenLoader:
+        return TokenLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.loop.seed, epoch=epoch,
+                           skip_batches=skip, rank=acc.process_index, world_size=acc.num_processes)
+
+    epoch_len = len(loader(0, 0))
+    if epoch_len == 0:
+        raise ValueError(f"{cfg.tokens}: {len(train_set.keys)} train sequences make no full batch of "
+                         f"{cfg.batch_size} x {acc.num_processes} processes; lower --batch_size")
+
+    def batches(start: int):
+        # A pure function of the micro-batch position: epoch order comes from (seed, epoch), so resume is exact.
+        epoch, skip = divmod(start, epoch_len)
+        while True:
+            yield from loader(epoch, skip)
+            epoch, skip = epoch + 1, 0
+
+    def train_step(micro, step: int) -> dict[str, float]:
+        logs = {"train/loss": 0.0, "train/accuracy": 0.0}
+        for i, batch in enumerate(micro):
+            codes = batch.tokens.to(device)  # (B, L) int64
+            labels = batch.labels.to(device) if conditional else None
+            with trainer.accumulating("prior", last=i == len(micro) - 1):
+                with trainer.autocast():
+                    logits = model(codes, labels)  # (B, L, K)
+                loss, accuracy = next_code_loss(logits, codes)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite prior loss at step {step}; lower --loop.lr or raise "
+                                             f"--loop.warmup_steps, then rerun with --loop.resume=true")
+                trainer.backward(loss)
+            logs["train/loss"] += float(loss.detach()) / len(micro)
+            logs["train/accuracy"] += float(accuracy) / len(micro)
+        logs.update(trainer.optimizer_step("prior"))
+        return logs
+
+    def evaluate(step: int) -> dict[str, float]:
+        net = trainer.eval_model().eval()  # eval mode: no label dropout, no dropout (fit() restores train mode)
+        val = TokenLoader(val_set, cfg.batch_size, shuffle=False, rank=acc.process_index,
+                          world_size=acc.num_processes)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, summed correct, positions
+        for b, batch in enumerate(val):
+            if cfg.eval_batches and b >= cfg.eval_batches:
+                break
+            codes = batch.tokens.to(device)
+            with trainer.autocast():
+                out = net.loss(codes, batch.labels.to(device) if conditional else None)
+            n = codes.numel()
+            sums += torch.tensor([float(out.loss) * n, float(out.accuracy) * n, n], dtype=torch.float64,
+                                 device=device)
+        sums = acc.reduce(sums, "sum")
+        n = max(float(sums[2]), 1.0)
+        return {"val/loss": float(sums[0]) / n, "val/accuracy": float(sums[1]) / n}
+
+    final = trainer.fit(batches, train_step, evaluate if val_set is not None else None)
+    acc.print({k: round(v, 4) for k, v in final.items() if k.startswith(("train/", "val/"))})
+    return final
+
+
+if __name__ == "__main__":
+    main()
