@@ -131,7 +131,14 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             f"unknown config key {prefix}{unknown[0]!s}; valid keys of {cls.__name__}: "
             + ", ".join(prefix + k for k in fields)
         )
-    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        f = fields[k]
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            # A partial table overrides the *parent's* default for this section (e.g. a stage's own LoopConfig
+            # defaults), not the section class's bare defaults.
+            v = _merge(to_dict(f.default_factory()), v)
+        kwargs[k] = _convert(v, hints[k], prefix + k)
     return cls(**kwargs)
 
 

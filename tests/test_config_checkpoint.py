@@ -26,6 +26,16 @@ class Outer:
     model: Inner = field(default_factory=Inner)
 
 
+@dataclass
+class Stage:
+    model: Inner = field(default_factory=lambda: Inner(size="b", mult=(1, 2, 4)))  # this stage's own defaults
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    assert parse_config(Stage, ["--model.size=s"]).model == Inner(size="s", mult=(1, 2, 4))
+    assert parse_config(Stage, []).model == Inner(size="b", mult=(1, 2, 4))
+
+
 def test_defaults_file_then_overrides(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('steps = 5\nlr = 0.5\n[model]\nsize = "b"\nmult = [1, 2, 4]\n')
