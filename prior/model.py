@@ -14,14 +14,14 @@ the K code ids: a class or null id can never be sampled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from x_transformers import Decoder, TransformerWrapper
-from x_transformers.x_transformers import LayerIntermediates
+from x_transformers.x_transformers import Attention, FeedForward, Residual, apply_rotary_pos_emb
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,22 @@ class PriorLoss(NamedTuple):
     accuracy: Tensor  # scalar fraction of positions whose argmax is the true code
 
 
+@dataclass
+class KVCache:
+    """Keys and values of every attention layer, preallocated to seq_len and filled in place.
+
+    x-transformers' own cache concatenates a new key onto the old ones every step and re-applies rotary
+    positions to all of them, which is O(L) extra work per step; here each key is rotated once, when written.
+    """
+
+    keys: list[Tensor] = field(default_factory=list)  # per attention layer (B, heads, seq_len, dim_head), rotated
+    values: list[Tensor] = field(default_factory=list)  # per attention layer (B, heads, seq_len, dim_head)
+    length: int = 0  # positions filled so far
+
+
 class PriorStep(NamedTuple):
     logits: Tensor  # (B, n, K) logits over code ids for the n input positions
-    cache: LayerIntermediates | None  # key/value cache covering every token seen so far
+    cache: KVCache | None  # key/value cache covering every token seen so far (None when decoding without one)
 
 
 class Prior(nn.Module):
@@ -111,6 +124,7 @@ class Prior(nn.Module):
                 ff_mult=cfg.ff_mult,
             ),
         )
+        self._check_cached_layout()
 
     @property
     def num_codes(self) -> int:
@@ -146,19 +160,68 @@ class Prior(nn.Module):
             ids = torch.where(drop, null, ids)
         return ids[:, None]  # (B, 1)
 
-    def step(self, tokens: Tensor, cache: LayerIntermediates | None = None) -> PriorStep:
-        """Run the decoder on vocabulary ids (prefix included) and return code logits plus a kv cache.
+    def step(self, tokens: Tensor, cache: KVCache | None = None) -> PriorStep:
+        """Run the decoder on vocabulary ids (prefix included) and return code logits.
 
-        Without a cache, tokens (B, n) is the whole sequence so far. With a cache, tokens (B, m) holds only
-        the m new ids that follow the cached ones (x-transformers' `input_not_include_cache`).
+        Without a cache, tokens (B, n) is the whole sequence so far and x-transformers' own forward runs it.
+        With a cache (start from `KVCache()`), tokens (B, m) holds only the m ids that follow the cached ones;
+        the cache is filled in place and returned. Both paths use the same weights and must agree.
         """
-        if cache is not None and cache.cache_length + tokens.shape[1] > self.cfg.seq_len:
-            raise ValueError(
-                f"sequence would grow to {cache.cache_length + tokens.shape[1]} > seq_len {self.cfg.seq_len}"
-            )
-        extra = {} if cache is None else {"cache_age": tokens.shape[1]}  # how many new ids follow the cache
-        logits, cache = self.net(tokens, cache=cache, return_intermediates=True, input_not_include_cache=True, **extra)
-        return PriorStep(logits, cache)
+        if cache is None:
+            return PriorStep(self.net(tokens), None)
+        return PriorStep(self._cached_forward(tokens, cache), cache)
+
+    def _cached_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """The decoder's forward for `tokens` at positions [cache.length, cache.length + m), reading and
+        writing the cache. It re-walks x-transformers' modules for the one layout `__init__` builds
+        (pre-norm, rotary self-attention, feed-forward); `_check_cached_layout` refuses any other."""
+        layers = self.net.attn_layers
+        B, m = tokens.shape  # batch, new positions
+        start, end = cache.length, cache.length + m
+        if end > self.cfg.seq_len:
+            raise ValueError(f"sequence would grow to {end} > seq_len {self.cfg.seq_len}")
+        heads = PRIOR_SIZES[self.cfg.size].heads
+        rotary, _ = layers.rotary_pos_emb(torch.arange(start, end, device=tokens.device))  # (1, m, dim_head)
+        # New position start + i sees keys 0 .. start + i; a single new token sees everything.
+        causal = None
+        if m > 1:
+            causal = torch.arange(end, device=tokens.device)[None, :] <= torch.arange(start, end, device=tokens.device)[:, None]
+
+        x = self.net.token_emb(tokens)  # (B, m, dim); no absolute positions: rotary only
+        attn_index = 0
+        for (norms, block, residual), kind in zip(layers.layers, layers.layer_types):
+            h = norms[0](x)  # pre-norm
+            if kind == "f":
+                x = residual(block(h), x)
+                continue
+            q, k, v = (proj(h).unflatten(-1, (heads, -1)).transpose(1, 2) for proj in (block.to_q, block.to_k, block.to_v))
+            q, k = apply_rotary_pos_emb(q, rotary), apply_rotary_pos_emb(k, rotary)  # (B, heads, m, dim_head)
+            if len(cache.keys) == attn_index:  # first call: allocate the whole sequence once
+                shape = (B, heads, self.cfg.seq_len, k.shape[-1])
+                cache.keys.append(k.new_empty(shape))
+                cache.values.append(v.new_empty(shape))
+            cache.keys[attn_index][:, :, start:end] = k
+            cache.values[attn_index][:, :, start:end] = v
+            keys, values = cache.keys[attn_index][:, :, :end], cache.values[attn_index][:, :, :end]
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=causal)
+            out = out.transpose(1, 2).flatten(2)  # (B, heads, m, dim_head) -> (B, m, dim)
+            x = residual(block.to_out(out), x)
+            attn_index += 1
+        cache.length = end
+        return self.net.to_logits(layers.final_norm(x))  # (B, m, K)
+
+    def _check_cached_layout(self) -> None:
+        layers = self.net.attn_layers
+        for (norms, block, residual), kind in zip(layers.layers, layers.layer_types):
+            expected = {"a": Attention, "f": FeedForward}.get(kind)
+            plain = norms[1] is None and norms[2] is None and type(residual) is Residual
+            if expected is None or not isinstance(block, expected) or not plain:
+                raise NotImplementedError(
+                    f"the kv-cache decoder only knows pre-norm rotary attention + feed-forward layers, got {kind!r}: "
+                    "update Prior._cached_forward for the new Decoder options"
+                )
+        if layers.rotary_pos_emb is None:
+            raise NotImplementedError("the kv-cache decoder needs rotary positions (rotary_pos_emb=True)")
 
     def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
         """Teacher forcing: codes (B, L) int in [0, K), labels (B,) or None -> logits (B, L, K).

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from prior.model import Prior
+from prior.model import KVCache, Prior
 
 CFG_SCHEDULES = ("constant", "linear", "interval")
 
@@ -185,11 +185,11 @@ def decode(
     uniforms = seeded_uniforms(seeds, num_tokens, device)  # (B, L)
     tokens = prefix  # (B or 2B, 1 + i): every id fed so far
     new = prefix  # the ids not yet in the cache
-    cache = None
+    cache = KVCache()
     codes, step_logits = [], []
     for i in range(num_tokens):
         if settings.use_cache:
-            logits, cache = prior.step(new, cache)
+            logits = prior.step(new, cache).logits
         else:
             logits = prior.step(tokens).logits
         logits = logits[:, -1].float()  # (B or 2B, K): the prediction for code i

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prior import PRIOR_SIZES, PriorConfig, build_prior
+from prior import PRIOR_SIZES, KVCache, PriorConfig, build_prior
 
 K, L, C = 32, 16, 4  # codes, sequence length, classes
 
@@ -74,12 +74,12 @@ def test_step_matches_teacher_forcing():
     tokens = torch.cat([prior.prefix(labels, 2), codes[:, :-1]], dim=1)  # (2, L)
     torch.testing.assert_close(prior.step(tokens).logits, prior(codes, labels))
     # The same logits, fed in three chunks through the key/value cache.
-    parts, cache = [], None
-    for chunk in tokens.split([1, 6, L - 7], dim=1):
-        out = prior.step(chunk, cache)
-        parts.append(out.logits)
-        cache = out.cache
+    cache = KVCache()
+    parts = [prior.step(chunk, cache).logits for chunk in tokens.split([1, 6, L - 7], dim=1)]
+    assert cache.length == L
     torch.testing.assert_close(torch.cat(parts, dim=1), prior(codes, labels), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="seq_len"):
+        prior.step(tokens[:, :1], cache)  # full
 
 
 def test_label_dropout_uses_null_class():
