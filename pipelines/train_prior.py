@@ -53,14 +53,10 @@ def parse_with_manifest(argv: list[str] | None, base: dict | None) -> tuple[Trai
     The manifest values sit below the user's base dict, TOML file and --key=value, so a disagreeing value can
     only come from the user.
     """
-    # parse_config builds a nested section from its class defaults as soon as one of its keys is given, which
-    # would drop this stage's own `loop` defaults (cosine, warm-up, clipping): seed them through `base` instead.
-    defaults = TrainPriorConfig()
-    base = dict(base or {})
-    base["loop"] = {**to_dict(defaults.loop), **base.get("loop", {})}
     first = parse_config(TrainPriorConfig, argv, base)
     manifest = TokenManifest.load(first.tokens)
     filled = {"num_codes": manifest.num_codes, "seq_len": manifest.seq_len, "num_classes": len(manifest.class_names)}
+    base = dict(base or {})
     base["model"] = {**filled, **base.get("model", {})}
     cfg = parse_config(TrainPriorConfig, argv, base)
     wrong = [f"model.{k}={getattr(cfg.model, k)} but the token manifest says {filled[k]}"
@@ -77,7 +73,8 @@ def check_labels(tokens: TokenSet, num_classes: int, where: str) -> None:
     lo, hi = int(tokens.labels.min()), int(tokens.labels.max())
     if lo < 0 or hi >= num_classes:
         raise ManifestError(f"{where}: labels span {lo}..{hi} but the manifest names {num_classes} classes; a "
-                            f"class-conditional prior needs a label in [0, {num_classes}) on every sample. {ENCODE_HINT}")
+                            f"class-conditional prior needs a label in [0, {num_classes}) on every sample. "
+                            f"{ENCODE_HINT}")
 
 
 def adamw(model: torch.nn.Module, cfg: TrainPriorConfig) -> torch.optim.AdamW:

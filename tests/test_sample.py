@@ -1,0 +1,152 @@
+"""Sampling end to end on a tiny tokenizer and a prior trained for a few steps by train_prior: files, grids and
+manifest, seeds independent of batch size, and refusal of a tokenizer the prior was not trained for."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.shards import sha256_file, shard_name
+from data.tokens import TokenManifest, TokenSample, write_token_shard
+from pipelines import sample, train_prior
+from pipelines.checkpoint import checkpoint_hash, load_tokenizer, save_checkpoint
+from pipelines.config import to_dict
+from prior import SampleSettings
+from tokenizer import TokenizerConfig, build_tokenizer
+
+K, GRID, CLASSES = 64, (4, 4), ["zero", "one", "two"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: intra-op threads buy nothing and their spin-waits are very slow on a busy shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_tokenizer(path, seed=0, num_codes=K):
+    torch.manual_seed(seed)
+    cfg = TokenizerConfig(size="tiny", num_codes=num_codes)
+    model = build_tokenizer(cfg)
+    save_checkpoint(path, config={"kind": "tokenizer", "config": to_dict(cfg)}, weights={"model": model.state_dict()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(tokenizer checkpoint, prior run dir) where the prior trained on tokens recorded as this tokenizer's."""
+    root = tmp_path_factory.mktemp("pair")
+    tok = make_tokenizer(root / "tokenizer")
+    tokens = root / "tokens"
+    tokens.mkdir()
+    rng = np.random.default_rng(0)
+    counts = {}
+    for split, n in (("train", 48), ("val", 8)):
+        labels = rng.integers(0, len(CLASSES), n)
+        codes = (10 * labels[:, None, None] + rng.integers(0, 4, (n, *GRID))) % K  # (n, 4, 4)
+        write_token_shard(tokens / shard_name(split, 0),
+                          [TokenSample(f"{split}{i}", codes[i], int(labels[i])) for i in range(n)], K)
+        counts[split] = n
+    # tokenizer_sha256 as encode_shards records it: the sha256 of model.safetensors
+    TokenManifest(tokenizer_sha256=sha256_file(tok / "model.safetensors"), quantizer="simvq", num_codes=K,
+                  grid=list(GRID), counts=counts, class_names=CLASSES, source_manifest_sha256="cd" * 32,
+                  shards={"train": 1, "val": 1}).save(tokens)
+    run = root / "prior"
+    train_prior.main([f"--tokens={tokens}", f"--out={run}", "--batch_size=8", "--model.size=tiny", "--loop.steps=3",
+                      "--loop.warmup_steps=0", "--loop.lr=1e-3"])
+    return tok, run
+
+
+def run_sample(pair, out, *extra):
+    tok, prior = pair
+    return sample.main([f"--prior={prior}", f"--tokenizer={tok}", f"--out={out}", "--device=cpu", *extra])
+
+
+def pixels(out):
+    """Every image the sample manifest lists, in its order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return np.stack([np.asarray(Image.open(out / r["path"])) for r in manifest["images"]])  # (N, H, W, 3)
+
+
+def test_end_to_end_files_grids_manifest(pair, tmp_path):
+    out = tmp_path / "s"
+    manifest = run_sample(pair, out, "--num_per_class=3", "--batch_size=4", "--seed=7", "--settings.top_k=10",
+                          "--settings.temperature=0.9")
+    for name in CLASSES:
+        files = sorted((out / "images" / name).glob("*.png"))
+        assert [f.name for f in files] == ["000000.png", "000001.png", "000002.png"]
+        with Image.open(files[0]) as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+        with Image.open(out / "grids" / f"{name}.png") as im:
+            assert im.size == (2 + 2 * 18, 2 + 2 * 18)  # ceil(sqrt(3)) = 2 columns of 16 px + 2 px borders
+    with Image.open(out / "grid.png") as im:
+        assert im.size == (2 + 3 * 18, 2 + 3 * 18)  # 3 class rows x 3 samples
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert manifest == {k: v for k, v in on_disk.items() if k != "images"}
+    assert manifest["count"] == 9 and manifest["seed"] == 7 and manifest["image_size"] == [16, 16]
+    assert manifest["settings"] == to_dict(SampleSettings(top_k=10, temperature=0.9))
+    assert manifest["class_names"] == CLASSES and manifest["classes"] == CLASSES and manifest["grid"] == list(GRID)
+    tok, prior = pair
+    assert manifest["tokenizer"]["checkpoint_sha256"] == checkpoint_hash(tok)
+    assert manifest["tokenizer"]["weights_sha256"] == manifest["token_manifest"]["tokenizer_sha256"]
+    assert manifest["prior"]["checkpoint_sha256"] == checkpoint_hash(manifest["prior"]["path"])
+    assert manifest["prior"]["step"] == 3 and manifest["source_manifest_sha256"] == "cd" * 32
+    assert [r["seed"] for r in on_disk["images"]] == list(range(7, 16))
+    assert [r["label"] for r in on_disk["images"]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert on_disk["images"][4]["path"] == "images/one/000001.png"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_sample(pair, out, "--num_per_class=3")
+
+
+def test_seeds_not_batch_size_decide_the_images(pair, tmp_path):
+    # 9 samples in decoder groups of 4; batch sizes 6, 1 and 9 cut the prior's batches (and main's chunks) apart
+    # differently. Without the fixed decoder groups, batch 6 vs 1 differed in one uint8 of 4,608.
+    args = ["--num_per_class=3", "--seed=3", "--settings.cfg_scale=1.5", "--decode_batch=4"]
+    run_sample(pair, tmp_path / "a", *args, "--batch_size=6")
+    run_sample(pair, tmp_path / "b", *args, "--batch_size=6")
+    run_sample(pair, tmp_path / "c", *args, "--batch_size=1")
+    run_sample(pair, tmp_path / "c9", *args, "--batch_size=9")
+    run_sample(pair, tmp_path / "d", "--num_per_class=3", "--seed=4", "--settings.cfg_scale=1.5",
+                   "--decode_batch=4")
+    pa, pb, pc, pc9, pd = (pixels(tmp_path / x) for x in ("a", "b", "c", "c9", "d"))
+    assert np.array_equal(pa, pb) and np.array_equal(pa, pc) and np.array_equal(pa, pc9)
+    assert not np.array_equal(pa, pd)  # the seed does matter
+    # and a subset of classes, selected by name or index, reproduces the same samples when at the same position
+    e = run_sample(pair, tmp_path / "e", "--num_per_class=2", "--seed=3", "--settings.cfg_scale=1.5",
+                   "--decode_batch=4", "--classes=zero,1")
+    assert e["count"] == 4 and e["classes"] == ["zero", "one"]
+    assert np.array_equal(pixels(tmp_path / "e")[:2], pa[:2])  # class "zero", seeds 3 and 4
+
+
+def test_unconditional_and_generate(pair, tmp_path):
+    m = run_sample(pair, tmp_path / "u", "--num=5", "--batch_size=2")
+    assert sorted(p.name for p in (tmp_path / "u" / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    assert m["conditional"] is False and m["count"] == 5
+    # generate() is the reusable core: uint8 (N, 3, H, W), identical to the files written
+    tok, run = pair
+    prior, _, _ = sample.load_prior(run)
+    tokenizer, _ = load_tokenizer(tok)
+    images = sample.generate(prior, tokenizer, None, SampleSettings(), seeds=[0, 1, 2, 3, 4], grid=GRID)
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, 16, 16)
+    assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), pixels(tmp_path / "u"))
+
+
+def test_refuses_a_foreign_tokenizer(pair, tmp_path):
+    tok, run = pair
+    other = make_tokenizer(tmp_path / "other", seed=1)  # same architecture and K, other weights
+    with pytest.raises(sample.IncompatibleCheckpoints, match="tokenizer_sha256"):
+        sample.main([f"--prior={run}", f"--tokenizer={other}", f"--out={tmp_path / 'x'}"])
+    small = make_tokenizer(tmp_path / "small", num_codes=32)
+    with pytest.raises(sample.IncompatibleCheckpoints, match="num_codes: prior trained on 64, tokenizer has 32"):
+        sample.main([f"--prior={run}", f"--tokenizer={small}", f"--out={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()
+    # generate() alone checks code ids against the tokenizer's K before decoding
+    prior, _, _ = sample.load_prior(run)
+    tokenizer, _ = load_tokenizer(small)
+    with pytest.raises(sample.IncompatibleCheckpoints, match="K=32"):
+        sample.generate(prior, tokenizer, torch.tensor([0, 1, 2, 0]), SampleSettings(), [0, 1, 2, 3], GRID)
+    with pytest.raises(ValueError, match="not a prior"):
+        sample.load_prior(tok)
