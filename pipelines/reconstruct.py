@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torchvision.utils import save_image
@@ -23,9 +24,11 @@ from tokenizer.quantizers import CodebookUsage
 
 @torch.no_grad()
 def reconstruction_metrics(model, loader, device, accelerator=None, max_batches: int = 0,
-                           grid_path: Path | None = None, grid_count: int = 16) -> dict[str, float]:
+                           grid_path: Path | None = None, grid_count: int = 16,
+                           on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, float]:
     """One pass over `loader` (MediaBatch) with `model` (a VQAutoencoder): mean per-image PSNR/SSIM (images), L1,
-    and codebook usage. Under several processes the sums are reduced across them before dividing."""
+    and codebook usage. Under several processes the sums are reduced across them before dividing. `on_batch(x, x_hat)`
+    sees every batch (e.g. to collect images for rFID)."""
     model.eval()
     usage = CodebookUsage(model.quantizer.num_codes, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # l1, psnr, ssim, count
@@ -43,6 +46,8 @@ def reconstruction_metrics(model, loader, device, accelerator=None, max_batches:
             sums[1] += psnr(a, b).sum()
             sums[2] += ssim(a, b).sum()
         sums[3] += x.shape[0]
+        if on_batch is not None:
+            on_batch(x, x_hat)
         if first is None:
             first = (x[:grid_count].cpu(), x_hat[:grid_count].cpu())
     if accelerator is not None:
