@@ -1,13 +1,15 @@
 """Quantizers on one contract: forward(z (B, D, *grid)) -> Quantized(z_q, codes, loss); decode_codes(codes) -> z_q."""
 from __future__ import annotations
 
+from .adapters import FSQAdapter, LFQAdapter  # vector-quantize-pytorch is imported only when one is built
 from .base import Quantized, Quantizer, nearest_codes
 from .ema_vq import EMAVQ
 from .simvq import SimVQ
 from .usage import CodebookUsage
 from .vq import VQ
 
-QUANTIZERS: dict[str, type[Quantizer]] = {"simvq": SimVQ, "vq": VQ, "ema-vq": EMAVQ}
+QUANTIZERS: dict[str, type[Quantizer]] = {"simvq": SimVQ, "vq": VQ, "ema-vq": EMAVQ,
+                                           "fsq": FSQAdapter, "lfq": LFQAdapter}
 
 
 def build_quantizer(name: str, dim: int, num_codes: int, **kwargs) -> Quantizer:
