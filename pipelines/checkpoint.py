@@ -100,6 +100,16 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of model.safetensors alone: the identity token manifests and sample manifests record for a tokenizer,
+    so that rewriting config.json (paths, step) does not orphan the token shards made with these weights."""
+    h = hashlib.sha256()
+    with open(Path(path) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete `step-*` checkpoint in `<run_dir>/checkpoints`, or None."""
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-[0-9]*"))
@@ -130,3 +140,17 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
     model = build_tokenizer(from_dict(TokenizerConfig, config["config"]))
     model.load_state_dict(weights["model"])  # strict: a missing frozen codebook is an error, never re-drawn
     return model.to(device).eval(), ckpt
+
+
+def load_prior(path: str | Path, device: str | torch.device = "cpu"):
+    """(Prior in eval mode with the exported weights, checkpoint dir, its config.json) — rebuilt from config.json."""
+    from pipelines.config import from_dict
+    from prior import PriorConfig, build_prior
+    hint = "train one with `python -m pipelines.train_prior --tokens=<token shards of this tokenizer>`"
+    ckpt = resolve_checkpoint(path, hint=hint)
+    config, weights = load_checkpoint(ckpt)
+    if config.get("kind") != "prior":
+        raise ValueError(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a prior; {hint}")
+    prior = build_prior(from_dict(PriorConfig, config["config"]))
+    prior.load_state_dict(weights["model"])  # strict
+    return prior.to(device).eval(), ckpt, config

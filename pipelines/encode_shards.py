@@ -15,7 +15,7 @@ every split holds exactly the media manifest's sample count.
 
 Identity. `tokenizer_sha256` is the sha256 of the checkpoint's model.safetensors (the TokenManifest field's
 definition; not pipelines.checkpoint.checkpoint_hash, whose config.json also carries the training step and run
-settings, which do not change a single code). Use `tokenizer_sha256(ckpt)` below to compare against it.
+settings, which do not change a single code). Use `weights_sha256(ckpt)` below to compare against it.
 `source_manifest_sha256` is the sha256 of the media manifest.json. Both are also written to `encode.json` when a
 run starts, so an interrupted directory (shards, no manifest yet) is still refused by a different tokenizer or
 media set instead of being silently completed with mixed codes.
@@ -37,7 +37,7 @@ from data.media import decode
 from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, iter_shard_samples, list_shards,
                          read_manifest, sha256_file, write_json_atomic)
 from data.tokens import PendingShard, TokenManifest, TokenSample, pending_token_shards, write_token_shard
-from pipelines.checkpoint import load_config, load_tokenizer
+from pipelines.checkpoint import load_config, load_tokenizer, weights_sha256
 from pipelines.config import parse_config, to_dict
 
 IDENTITY = "encode.json"  # written at the start of a run: what the shards in this directory are made from
@@ -54,11 +54,6 @@ class EncodeShardsConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # encoder autocast; auto = bf16 on CUDA only (the
     # nearest-code search stays fp32 inside the quantizer; bf16 on CPU is slower than fp32)
     overwrite: bool = False  # replace token shards made from another tokenizer or media set
-
-
-def tokenizer_sha256(ckpt: str | Path) -> str:
-    """The tokenizer identity recorded in token manifests (see module docstring)."""
-    return sha256_file(Path(ckpt) / "model.safetensors")
 
 
 def _rerun_hint(cfg: EncodeShardsConfig) -> str:
@@ -192,7 +187,7 @@ def main(argv: list[str] | None = None) -> TokenManifest:
                          f"but {data} holds {media.spec.modality} (dims={dims}, channels={channels}); "
                          f"train one on these shards: `python -m pipelines.train_tokenizer --data={data}`")
     grid = model.grid_shape(input_shape(media))
-    identity = {"tokenizer_sha256": tokenizer_sha256(ckpt), "source_manifest_sha256": sha256_file(data / MANIFEST)}
+    identity = {"tokenizer_sha256": weights_sha256(ckpt), "source_manifest_sha256": sha256_file(data / MANIFEST)}
 
     # output directory: every process checks (read-only, so all raise alike), then the main process prepares it
     if not cfg.overwrite:

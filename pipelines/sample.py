@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from data.shards import sha256_file
-from pipelines.checkpoint import (atomic_write_text, checkpoint_hash, load_checkpoint, load_config, load_tokenizer,
-                                  resolve_checkpoint)
-from pipelines.config import from_dict, parse_config, to_dict
-from prior import Prior, PriorConfig, SampleSettings, build_prior, sample
+from pipelines.checkpoint import (atomic_write_text, checkpoint_hash, load_config, load_prior, load_tokenizer,
+                                  weights_sha256)
+from pipelines.config import parse_config, to_dict
+from prior import Prior, SampleSettings, sample
 
 SAMPLES_FORMAT = "simvq-samples"
 SAMPLES_VERSION = 1
@@ -67,23 +66,6 @@ class SampleConfig:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def load_prior(path: str | Path, device: str | torch.device = "cpu") -> tuple[Prior, Path, dict]:
-    """(Prior in eval mode with the exported weights, checkpoint dir, its config.json) — rebuilt from config.json."""
-    ckpt = resolve_checkpoint(path, hint=PRIOR_HINT)
-    config, weights = load_checkpoint(ckpt)
-    if config.get("kind") != "prior":
-        raise ValueError(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a prior; {PRIOR_HINT}")
-    prior = build_prior(from_dict(PriorConfig, config["config"]))
-    prior.load_state_dict(weights["model"])  # strict
-    return prior.to(device).eval(), ckpt, config
-
-
-def weights_sha256(ckpt: Path) -> str:
-    """The tokenizer identity token manifests record (TokenManifest.tokenizer_sha256, as encode_shards computes it):
-    the sha256 of model.safetensors alone, so that a config.json rewrite does not orphan its token shards."""
-    return sha256_file(Path(ckpt) / "model.safetensors")
-
-
 def identity(ckpt: Path) -> dict:
     return {"path": str(ckpt), "checkpoint_sha256": checkpoint_hash(ckpt), "weights_sha256": weights_sha256(ckpt)}
 

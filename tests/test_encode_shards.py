@@ -12,6 +12,7 @@ import torch
 
 from data.builtin import open_source
 from data.media import MediaSpec
+from pipelines.checkpoint import weights_sha256
 from data.shards import (ManifestError, iter_shard_samples, list_shards, media_loader, read_manifest, sha256_file,
                          write_media_shards)
 from data.tokens import TokenManifest, load_tokens
@@ -91,7 +92,7 @@ def test_round_trip_and_manifest(setup, tmp_path):
     on_disk = json.loads((out / "manifest.json").read_text())
     assert manifest == TokenManifest.load(out)
     assert on_disk["tokenizer_sha256"] == sha256_file(root / "run/checkpoints/step-000000010/model.safetensors")
-    assert on_disk["tokenizer_sha256"] == encode_shards.tokenizer_sha256(root / "run/checkpoints/step-000000010")
+    assert on_disk["tokenizer_sha256"] == weights_sha256(root / "run/checkpoints/step-000000010")
     assert on_disk["source_manifest_sha256"] == sha256_file(media / "manifest.json")
     assert on_disk["quantizer"] == "simvq" and on_disk["num_codes"] == 64 and on_disk["dtype"] == "uint8"
     assert on_disk["grid"] == [SIZE // 4, SIZE // 4]
@@ -173,7 +174,7 @@ def test_refuses_other_tokenizer_or_media(setup, tmp_path):
         encode(media, root / "run", out)
 
     manifest = encode(media, tmp_path / "other", out, "--overwrite=true")
-    assert manifest.tokenizer_sha256 == encode_shards.tokenizer_sha256(tmp_path / "other")
+    assert manifest.tokenizer_sha256 == weights_sha256(tmp_path / "other")
     assert read_back(out) == reference_codes(other, media)
 
 

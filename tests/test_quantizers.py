@@ -9,7 +9,15 @@ from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from tokenizer.quantizers import QUANTIZERS, CodebookUsage, build_quantizer, nearest_codes
 
 
-@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+# nearest-neighbour quantizers; the FSQ/LFQ adapters round instead (tests/test_quantizer_adapters.py)
+NEAREST = ["ema-vq", "simvq", "vq"]
+
+
+def test_registry_holds_the_paper_quantizers_and_adapters():
+    assert set(NEAREST) | {"fsq", "lfq"} <= set(QUANTIZERS)
+
+
+@pytest.mark.parametrize("name", NEAREST)
 @pytest.mark.parametrize("grid", [(5,), (3, 4)])
 def test_round_trip_decode_codes_equals_forward(name, grid):
     torch.manual_seed(0)

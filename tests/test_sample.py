@@ -18,15 +18,6 @@ from tokenizer import TokenizerConfig, build_tokenizer
 K, GRID, CLASSES = 64, (4, 4), ["zero", "one", "two"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: intra-op threads buy nothing and their spin-waits are very slow on a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_tokenizer(path, seed=0, num_codes=K):
     torch.manual_seed(seed)
     cfg = TokenizerConfig(size="tiny", num_codes=num_codes)

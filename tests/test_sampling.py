@@ -9,15 +9,6 @@ from prior.sampling import cfg_scale_at, choose, draw, guide, min_p_filter, top_
 K, L, C = 32, 12, 4  # codes, sequence length, classes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box spinning threads stall for seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(num_classes: int = C):
     torch.manual_seed(0)
     prior = build_prior(PriorConfig(size="tiny", num_codes=K, seq_len=L, num_classes=num_classes))

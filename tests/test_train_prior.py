@@ -34,16 +34,6 @@ def write_tokens(directory, n_train=320, n_val=64, seed=0, tokenizer_sha256="ab"
     return directory
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: intra-op threads buy nothing, and on a busy machine their spin-waits made each step
-    # ~15x slower (31 s vs 1.9 s for 20 steps on 2 shared cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
     return write_tokens(tmp_path_factory.mktemp("tokens"))
