@@ -55,19 +55,30 @@ def nearest_codes(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_
     with torch.autocast(device_type=z.device.type, enabled=False):  # bf16 distances pick wrong codes
         z, cb = z.float(), codebook.detach().float()
         n, k = z.shape[0], cb.shape[0]
-        # ||c||^2 - 2 z.c as ONE plain GEMM: [z, 1] @ [-2c, ||c||^2]^T. Adding a (K,) bias row to an (n, K) tile
-        # would cost a second full pass over the largest tensor of the forward.
-        cb_aug = torch.cat([cb * -2.0, cb.pow(2).sum(1, keepdim=True)], 1)  # (K, D+1)
-        z_aug = torch.cat([z, z.new_ones(n, 1)], 1)  # (N, D+1)
+        cb_sq = cb.pow(2).sum(1)  # (K,)
+        if z.is_cuda:
+            # cuBLAS adds the (K,) bias in the GEMM epilogue: addmm beats even the bare product (H200, N=4,096,
+            # K=65,536: 1.69 ms vs 1.90 ms; docs/BENCHMARKS.md).
+            def distances(zc: Tensor, k0: int, kt: int) -> Tensor:
+                return torch.addmm(cb_sq[k0:k0 + kt], zc, cb[k0:k0 + kt].T, alpha=-2.0)
+            z_in = z
+        else:
+            # On CPU addmm first copies the bias into the whole (n, K) tile, a second pass over the largest tensor of
+            # the forward; one plain GEMM [z, 1] @ [-2c, ||c||^2]^T does it in the product instead.
+            cb_aug = torch.cat([cb * -2.0, cb_sq[:, None]], 1)  # (K, D+1)
+
+            def distances(zc: Tensor, k0: int, kt: int) -> Tensor:
+                return zc @ cb_aug[k0:k0 + kt].T
+            z_in = torch.cat([z, z.new_ones(n, 1)], 1)  # (N, D+1)
         k_tile = min(k, chunk_elems)
         # >= 16 rows: a one-row GEMM takes BLAS's GEMV path, whose rounding depends on a column's position.
         n_tile = min(n, max(MIN_ROW_TILE, chunk_elems // k_tile))
         out = torch.empty(n, dtype=torch.long, device=z.device)
         for n0 in _tile_starts(n, n_tile):
-            zc = z_aug[n0:n0 + n_tile]  # (n_tile, D+1)
+            zc = z_in[n0:n0 + n_tile]  # (n_tile, D) or (n_tile, D+1)
             best_d = best_i = None
             for k0 in _tile_starts(k, k_tile):
-                d = zc @ cb_aug[k0:k0 + k_tile].T  # (n_tile, k_tile) = ||c||^2 - 2 z.c
+                d = distances(zc, k0, k_tile)  # (n_tile, k_tile) = ||c||^2 - 2 z.c
                 i = d.argmin(1)  # (n,)
                 if best_i is None:
                     if k_tile == k:  # one K-tile: the common case, no running minimum needed
