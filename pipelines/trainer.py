@@ -122,7 +122,8 @@ class Logger:
         self.jsonl.flush()
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
-        short = {k.split("/")[-1] if k.count("/") else k: f"{v:.4g}" for k, v in list(values.items())[:6]}
+        shown = [(k, v) for k, v in values.items() if not k.startswith(("lr/", "grad_norm/"))][:6]
+        short = {k: f"{v:.4g}" for k, v in shown}
         self.bar.set_postfix(short, refresh=False)
 
     def advance(self) -> None:
