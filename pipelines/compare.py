@@ -114,32 +114,42 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
     return row
 
 
-COLUMNS = [  # (header, metric key, format)
+COLUMNS = [  # (header, metric key, format) of the headline table; every metric is in the full table below it
     ("util.", "recon/utilisation", "{:.1%}"), ("perplexity", "recon/perplexity", "{:,.0f}"),
     ("PSNR", "recon/psnr", "{:.2f}"), ("SSIM", "recon/ssim", "{:.3f}"),
 ]
 
 
-def fmt(v: Any, spec: str) -> str:
+def fmt(v: Any, spec: str = "{:.4g}") -> str:
     return "–" if v is None else spec.format(v)
+
+
+def extractor_tags(rows: list[dict]) -> list[str]:
+    return sorted({k.split("fid_", 1)[1] for r in rows for k in r["metrics"] if k.split("/")[-1].startswith("fid_")})
 
 
 def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
     out = Path(cfg.out)
-    metric_keys = sorted({k for r in rows for k in r["metrics"]})
-    fid_keys = [k for k in metric_keys if k.split("/")[-1].startswith(("fid_", "kid_", "precision_", "recall_"))]
-    prior_keys = [k for k in metric_keys if k.startswith("prior/")]
-    headers = ["preset", "K"] + [h for h, _, _ in COLUMNS] + fid_keys + prior_keys + ["wall time"]
+    tags = extractor_tags(rows)
+    headline = list(COLUMNS)
+    for t in tags:
+        headline += [(f"rFID {t}", f"recon/fid_{t}", "{:.3g}"), (f"gFID {t}", f"gen/fid_{t}", "{:.3g}"),
+                     (f"gKID {t}", f"gen/kid_{t}", "{:.3g}"), (f"precision {t}", f"gen/precision_{t}", "{:.2f}"),
+                     (f"recall {t}", f"gen/recall_{t}", "{:.2f}")]
+    headline += [("class acc.", f"gen/class_accuracy_{t}", "{:.1%}") for t in tags
+                 if any(f"gen/class_accuracy_{t}" in r["metrics"] for r in rows)]
+    headline += [("prior val loss", "prior/val/loss", "{:.3f}")]
+    headers = ["preset", "K"] + [h for h, _, _ in headline] + ["wall time"]
     lines = [f"# {cfg.title}", "",
-             f"Data: `{cfg.data}`. Every number below was computed by `python -m pipelines.compare` in this run; "
-             "FIDs name their feature extractor (`fid_digits`: a classifier trained on the dataset's labelled "
-             "train split; `fid_inception`: torch-fidelity's Inception). `recon/*` compare val images with their "
-             "reconstructions (rFID), `gen/*` compare generated samples with the train split (gFID).", "",
+             f"Data: `{cfg.data}`. Every number below was computed by `python -m pipelines.compare` in this run. "
+             "FIDs name their feature extractor (`digits`: a classifier trained on the dataset's labelled train "
+             "split; `inception`: torch-fidelity's Inception). rFID compares the val images with their "
+             "reconstructions, gFID/gKID/precision/recall the generated samples with the train split; `gen/n_<tag>` "
+             "in the full table says how many images each side had.", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         m = r["metrics"]
-        cells = [r["preset"], f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in COLUMNS]
-        cells += [fmt(m.get(k), "{:.4g}") for k in fid_keys + prior_keys]
+        cells = [r["preset"], f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
         cells.append(f"{sum(r['seconds'].values()):.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Wall time per stage (s): " + "; ".join(
@@ -151,6 +161,10 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
               "| preset | reconstructions | samples |", "|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | ![]({r['grids']['recon']}) | ![]({r['grids']['samples']}) |")
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    lines += ["", "## All metrics", "", "| metric | " + " | ".join(r["preset"] for r in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+    lines += [f"| {k} | " + " | ".join(fmt(r["metrics"].get(k)) for r in rows) + " |" for k in keys]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     atomic_write_text(out / "report.json", json.dumps(rows, indent=2))
