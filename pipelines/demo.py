@@ -31,7 +31,8 @@ class DemoConfig:
     out: str = "runs/demo"  # everything the demo writes
     presets: str = "simvq-1024"  # tokenizers to train and compare, <quantizer>-<K>
     tokenizer_steps: int = 400  # tokenizer optimiser steps (batch 64)
-    prior_steps: int = 800  # prior optimiser steps (batch 64)
+    prior_steps: int = 500  # prior optimiser steps (batch 64); 1,620 sequences of 16 tokens are memorised by 800
+    prior_dropout: float = 0.2  # measured val loss 3.90 (dropout 0.2, 400 steps) vs 5.54 (no dropout, 800 steps)
     samples_per_class: int = 50  # generated images per digit class (gFID uses all of them)
     quick: bool = False  # a few steps of everything: checks the plumbing, not the quality
 
@@ -48,7 +49,7 @@ def stage_overrides(cfg: DemoConfig) -> dict:
             "loop": {"steps": tok_steps, "lr": 1e-3, "warmup_steps": 20, "log_every": 20,
                      "eval_every": tok_steps, "ckpt_every": max(50, tok_steps // 4)},
         },
-        "prior": {"model": {"size": "tiny"}, "loop": {"steps": prior_steps, "lr": 1e-3, "warmup_steps": 50,
+        "prior": {"model": {"size": "tiny", "dropout": cfg.prior_dropout}, "loop": {"steps": prior_steps, "lr": 1e-3, "warmup_steps": 50,
                                                         "eval_every": prior_steps, "log_every": 20,
                                                         "ckpt_every": max(50, prior_steps // 4)}},
         "sample": {"num_per_class": per_class, "settings": {"cfg_scale": 2.0, "top_k": 0, "temperature": 1.0}},
