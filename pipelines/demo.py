@@ -49,9 +49,9 @@ def stage_overrides(cfg: DemoConfig) -> dict:
             "loop": {"steps": tok_steps, "lr": 1e-3, "warmup_steps": 20, "log_every": 20,
                      "eval_every": tok_steps, "ckpt_every": max(50, tok_steps // 4)},
         },
-        "prior": {"model": {"size": "tiny", "dropout": cfg.prior_dropout}, "loop": {"steps": prior_steps, "lr": 1e-3, "warmup_steps": 50,
-                                                        "eval_every": prior_steps, "log_every": 20,
-                                                        "ckpt_every": max(50, prior_steps // 4)}},
+        "prior": {"model": {"size": "tiny", "dropout": cfg.prior_dropout},
+                  "loop": {"steps": prior_steps, "lr": 1e-3, "warmup_steps": 50, "eval_every": prior_steps,
+                           "log_every": 20, "ckpt_every": max(50, prior_steps // 4)}},
         "sample": {"num_per_class": per_class, "settings": {"cfg_scale": 2.0, "top_k": 0, "temperature": 1.0}},
         # fid_inception (when its weights exist) on 100 images per side: the Inception pass is ~4 img/s here.
         "evaluate": {"inception_limit": 100},
