@@ -43,7 +43,8 @@ class MakeShardsConfig:
     overwrite: bool = False  # replace an existing shard directory
 
 
-def main(cfg: MakeShardsConfig) -> MediaManifest:
+def main(argv: list[str] | None = None, base: dict | None = None) -> MediaManifest:
+    cfg = parse_config(MakeShardsConfig, argv, base)
     size = cfg.size or DEFAULT_SIZE.get(cfg.source, FOLDER_DEFAULT_SIZE)
     spec = MediaSpec(modality=cfg.modality, size=size, resize=cfg.resize, sample_rate=cfg.sample_rate,
                      clip_seconds=cfg.clip_seconds)
@@ -60,4 +61,4 @@ def main(cfg: MakeShardsConfig) -> MediaManifest:
 
 
 if __name__ == "__main__":
-    main(parse_config(MakeShardsConfig))
+    main()

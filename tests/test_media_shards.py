@@ -16,7 +16,7 @@ from data.builtin import folder, photos
 from data.media import MediaError, MediaSpec, decode, normalise, to_rgb
 from data.shards import (ManifestError, assign_split, iter_shard_samples, list_shards, media_loader, read_manifest,
                          resume_position, write_media_shards)
-from pipelines.make_shards import MakeShardsConfig, main
+from pipelines.make_shards import main
 
 RNG = np.random.default_rng(0)
 quiet = lambda msg: None  # noqa: E731
@@ -187,9 +187,8 @@ def test_audio_is_a_preset_of_the_same_code(tmp_path):
         stereo = np.stack([np.sin(2 * np.pi * freq * t)] * 2, axis=1) * 0.5  # (T, 2) at 16 kHz
         soundfile.write(src / f"tone{i}.wav", stereo, 16_000)
     (src / "bad.wav").write_bytes(b"RIFF nope")
-    cfg = MakeShardsConfig(source=str(src), out=str(tmp_path / "out"), modality="audio", sample_rate=8_000,
-                           clip_seconds=0.5, val_fraction=0.0)
-    manifest = main(cfg)
+    manifest = main([f"--source={src}", f"--out={tmp_path / 'out'}", "--modality=audio", "--sample_rate=8000",
+                     "--clip_seconds=0.5", "--val_fraction=0"])
     assert manifest.counts == {"train": 3, "val": 0} and len(manifest.skipped) == 1 and manifest.class_names == []
     stored = next(iter_shard_samples(list_shards(tmp_path / "out", "train")[0]))[1]["wav"]
     wav, rate = soundfile.read(io.BytesIO(stored))
@@ -203,10 +202,10 @@ def test_audio_is_a_preset_of_the_same_code(tmp_path):
 
 
 def test_cli_digits_defaults(tmp_path):
-    manifest = main(MakeShardsConfig(source="digits", out=str(tmp_path / "d"), shard_max_count=2_000))
+    manifest = main(["--source=digits", f"--out={tmp_path / 'd'}", "--shard_max_count=2000"])
     assert manifest.class_names == [str(i) for i in range(10)] and sum(manifest.counts.values()) == 1_797
     assert manifest.spec.size == 16 and 100 < manifest.counts["val"] < 260
     batch = next(iter(media_loader(tmp_path / "d", "val", batch_size=5, train=False)))
     assert batch.x.shape == (5, 3, 16, 16) and batch.labels.min() >= 0
     with pytest.raises(FileExistsError, match="--overwrite=true"):
-        main(MakeShardsConfig(source="digits", out=str(tmp_path / "d")))
+        main(["--source=digits", f"--out={tmp_path / 'd'}"])
