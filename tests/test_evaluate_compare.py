@@ -10,20 +10,12 @@ from pipelines import compare, demo, evaluate
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    write_media_shards(open_source("digits", "image", 16, 0, 0, "auto"), out, MediaSpec(modality="image", size=16),
-                       max_count=600, log=lambda *a: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def report(digits, tmp_path_factory):
+def report(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     base = demo.stage_overrides(demo.DemoConfig(quick=True))
     base["tokenizer"]["model"]["num_codes"] = 64
     base["evaluate"] = {"extractors": "domain", "fidelity": {"cache_dir": str(out / "fid_cache")}}
-    argv = [f"--data={digits}", f"--out={out}", "--presets=simvq-64"]
+    argv = [f"--data={digits_shards}", f"--out={out}", "--presets=simvq-64"]
     compare.main(argv, base=base)
     return out, argv, base
 

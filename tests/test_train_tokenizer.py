@@ -5,9 +5,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.builtin import open_source
-from data.media import MediaSpec
-from data.shards import write_media_shards
 from pipelines import reconstruct, train_tokenizer
 from pipelines.checkpoint import latest_checkpoint, load_tokenizer
 
@@ -15,21 +12,13 @@ TINY = ["--batch_size=16", "--model.size=tiny", "--model.num_codes=64", "--losse
         '--losses.weights={"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}', "--loop.lr=1e-3"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    write_media_shards(open_source("digits", "image", 16, 0, 0, "auto"), out, MediaSpec(modality="image", size=16),
-                       max_count=400, log=lambda *a: None)
-    return out
-
-
 def read_log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_training_lowers_reconstruction_loss(digits, tmp_path):
+def test_training_lowers_reconstruction_loss(digits_shards, tmp_path):
     run = tmp_path / "run"
-    train_tokenizer.main(TINY + [f"--data={digits}", f"--out={run}", "--loop.steps=30", "--loop.log_every=5",
+    train_tokenizer.main(TINY + [f"--data={digits_shards}", f"--out={run}", "--loop.steps=30", "--loop.log_every=5",
                                  "--loop.eval_every=30", "--loop.ckpt_every=30", "--eval_batches=2"])
     logs = [r for r in read_log(run) if "recon/l1" in r]
     first, last = logs[0]["recon/l1"], logs[-1]["recon/l1"]
@@ -41,13 +30,13 @@ def test_training_lowers_reconstruction_loss(digits, tmp_path):
     # the exported model rebuilds from its checkpoint alone, and reconstruct reports over the whole val split
     model, ckpt = load_tokenizer(run)
     assert ckpt == latest_checkpoint(run)
-    metrics = reconstruct.main([f"--tokenizer={run}", f"--data={digits}", f"--out={tmp_path / 'recon'}"])
-    assert metrics["val/samples"] == json.loads((digits / "manifest.json").read_text())["counts"]["val"]
+    metrics = reconstruct.main([f"--tokenizer={run}", f"--data={digits_shards}", f"--out={tmp_path / 'recon'}"])
+    assert metrics["val/samples"] == json.loads((digits_shards / "manifest.json").read_text())["counts"]["val"]
     assert (tmp_path / "recon" / "recon.png").is_file()
 
 
-def test_resume_matches_uninterrupted_run(digits, tmp_path):
-    common = TINY + [f"--data={digits}", "--loop.log_every=1", "--loop.eval_every=1000", "--loop.ckpt_every=3"]
+def test_resume_matches_uninterrupted_run(digits_shards, tmp_path):
+    common = TINY + [f"--data={digits_shards}", "--loop.log_every=1", "--loop.eval_every=1000", "--loop.ckpt_every=3"]
     train_tokenizer.main(common + [f"--out={tmp_path / 'a'}", "--loop.steps=6"])
     train_tokenizer.main(common + [f"--out={tmp_path / 'b'}", "--loop.steps=3"])  # "interrupted" after step 3
     with pytest.raises(FileExistsError, match="resume"):
