@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import nn
 
 from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_state, save_checkpoint
@@ -93,7 +93,13 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"  # bf16 on this CPU is ~100x slower than fp32
-    return Accelerator(mixed_precision=mp)
+    # cpu=True on a machine without CUDA: otherwise accelerate ignores the launcher's rank/world-size variables and
+    # every process trains alone.
+    # broadcast_buffers=False: DDP would otherwise re-send every buffer from rank 0 on every forward, and SimVQ's
+    # frozen codebook is a K x D buffer (134 MB at K=262,144). DDP still syncs all buffers once when it wraps the
+    # model; the frozen codebook never changes and EMA-VQ all-reduces its own updates.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def seed_everything(seed: int, step: int, rank: int) -> None:

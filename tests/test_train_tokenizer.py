@@ -52,3 +52,22 @@ def test_resume_matches_uninterrupted_run(digits_shards, tmp_path):
     la = [r["recon/l1"] for r in read_log(tmp_path / "a") if "recon/l1" in r]
     lb = [r["recon/l1"] for r in read_log(tmp_path / "b") if "recon/l1" in r]
     assert la == pytest.approx(lb, rel=1e-5)  # the same loss curve
+
+
+def test_two_processes_train_on_the_same_code_path(digits_shards, tmp_path):
+    """`torchrun`/`accelerate launch` with 2 CPU processes (gloo): one run, one checkpoint, val reduced over ranks."""
+    import os
+    import subprocess
+    import sys
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pipelines.train_tokenizer",
+           *TINY, f"--data={digits_shards}", f"--out={run}", "--loop.steps=2", "--loop.log_every=1",
+           "--loop.eval_every=2", "--loop.ckpt_every=2", "--batch_size=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step-000000002"]
+    logs = read_log(run)
+    assert [r["step"] for r in logs if "recon/l1" in r] == [1, 2]  # the main process logs, once per step
+    val = [r for r in logs if "val/samples" in r][-1]
+    assert val["val/samples"] == json.loads((digits_shards / "manifest.json").read_text())["counts"]["val"]
