@@ -167,7 +167,8 @@ def _merge(base: dict, over: dict) -> dict:
 def parse_config(cls: type[T], argv: list[str] | None = None, base: dict | None = None) -> T:
     """`cls` defaults <- `base` dict <- `--config FILE.toml` <- `--key=value` (dotted keys for nested fields).
 
-    `--flag` alone means `--flag=true`. `-h/--help` prints every key with its default and exits.
+    `--flag` alone means `--flag=true`. `-h/--help` prints every key with its default and exits. A class may map
+    short command-line names to dotted keys in a `ALIASES: ClassVar[dict[str, str]]`.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     tree: dict = dict(base or {})
@@ -188,6 +189,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, base: dict | None 
         else:
             key, value = arg[2:], "true"
         key = key.replace("-", "_")
+        key = getattr(cls, "ALIASES", {}).get(key, key)  # e.g. --resume for --loop.resume
         if key == "config":
             path = Path(value)
             if not path.is_file():

@@ -17,6 +17,7 @@ its GPT priors (arXiv 2406.06525 §3).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ FROM_MANIFEST = ("num_codes", "seq_len", "num_classes")
 
 @dataclass
 class TrainPriorConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"resume": "loop.resume"}  # --resume continues the run in --out
     tokens: str = "runs/digits/tokens"  # token shard directory (python -m pipelines.encode_shards)
     out: str = "runs/digits/prior"  # run directory: checkpoints/, log.jsonl, tb/
     batch_size: int = 64  # sequences per micro-batch per process

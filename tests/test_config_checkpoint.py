@@ -106,3 +106,11 @@ def test_state_file_refuses_arbitrary_objects(tmp_path):
     save_checkpoint(path, config={}, weights={"model": {}}, state={"obj": Evil()})
     with pytest.raises(Exception):
         load_state(path)  # weights_only=True: no unpickling of arbitrary classes
+
+
+def test_alias_maps_a_short_flag_to_a_nested_key():
+    from pipelines.train_prior import TrainPriorConfig
+    from pipelines.train_tokenizer import TrainTokenizerConfig
+    for cls in (TrainTokenizerConfig, TrainPriorConfig):
+        assert parse_config(cls, ["--resume"]).loop.resume is True
+        assert parse_config(cls, []).loop.resume is False
