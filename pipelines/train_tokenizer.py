@@ -2,7 +2,7 @@
 
     python -m pipelines.train_tokenizer --data=runs/digits/shards --out=runs/digits/tokenizer --loop.steps=600
     accelerate launch -m pipelines.train_tokenizer --config=configs/tokenizer_b.toml     # several GPUs / nodes
-    python -m pipelines.train_tokenizer ... --resume                                        # after an interruption (= --loop.resume=true)
+    python -m pipelines.train_tokenizer ... --resume        # after an interruption (= --loop.resume=true)
 
 Losses (spec §3): recon/l1 + 1.0 perceptual/lpips + 0.1 gan/g (PatchGAN, hinge D) + 1.0 vq/commit, weighted by
 `losses.weights`; Adam(lr 1e-4, betas (0.5, 0.9)) for generator and discriminator; EMA 0.999 of the generator, which
