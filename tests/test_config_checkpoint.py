@@ -114,3 +114,21 @@ def test_alias_maps_a_short_flag_to_a_nested_key():
     for cls in (TrainTokenizerConfig, TrainPriorConfig):
         assert parse_config(cls, ["--resume"]).loop.resume is True
         assert parse_config(cls, []).loop.resume is False
+
+
+def test_shipped_config_files_parse():
+    from pathlib import Path
+
+    from pipelines.compare import CompareConfig, to_argv
+    from pipelines.train_prior import TrainPriorConfig
+    from pipelines.train_tokenizer import TrainTokenizerConfig
+    root = Path(__file__).parent.parent / "configs"
+    tok = parse_config(TrainTokenizerConfig, ["--config", str(root / "tokenizer_b.toml")])
+    assert tok.model.size == "b" and tok.model.num_codes == 65536 and tok.loop.steps == 250_000
+    prior = parse_config(TrainPriorConfig, ["--config", str(root / "prior_b.toml")])
+    assert prior.model.size == "gpt-b" and prior.loop.lr_schedule == "cosine"
+    cmp = parse_config(CompareConfig, ["--config", str(root / "compare_digits.toml")])
+    # every stage table becomes arguments its stage accepts
+    tok_digits = parse_config(TrainTokenizerConfig, to_argv(cmp.tokenizer))
+    assert tok_digits.losses.weights == {"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}
+    assert parse_config(TrainPriorConfig, to_argv(cmp.prior)).model.dropout == 0.2
