@@ -19,6 +19,7 @@ hash, K, quantizer or grid is refused, since its codes would mean different imag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,7 @@ class SampleConfig:
     prior: str = "runs/digits/prior"  # prior checkpoint or run directory (newest checkpoint)
     tokenizer: str = "runs/digits/tokenizer"  # tokenizer checkpoint or run directory; must be the prior's tokenizer
     out: str = "runs/digits/samples"  # output directory (images/, grids/, grid.png, manifest.json)
-    num_per_class: int = 10  # samples per class (class-conditional prior)
+    num_per_class: int = 10  # samples per class; an unconditional prior counts as one class
     num: int = 0  # > 0: that many unconditional samples (null class) instead of num_per_class per class
     classes: list[str] = field(default_factory=list)  # class names (or indices) to sample; empty = all
     batch_size: int = 64  # samples per prior forward; does not change the images
@@ -189,13 +190,17 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict:
     # The plan: one (label, class name) per sample, in output order; sample i gets seed + i.
     if cfg.num > 0:
         plan = [(None, None)] * cfg.num
-    elif not prior.conditional:
-        raise ValueError(f"{prior_ckpt} is an unconditional prior (num_classes=0): pass --num=N")
     elif cfg.num_per_class < 1:
         raise ValueError(f"--num_per_class must be >= 1 (got {cfg.num_per_class}), or pass --num=N")
+    elif not prior.conditional:  # one "class": the same settings serve labelled and unlabelled data (compare)
+        plan = [(None, None)] * cfg.num_per_class
     else:
         plan = [(c, names[c]) for c in resolve_classes(cfg.classes, names) for _ in range(cfg.num_per_class)]
     seeds = [cfg.seed + i for i in range(len(plan))]
+    if not prior.conditional and cfg.settings.cfg_scale != 1.0:
+        # Guidance needs a class to move towards; the manifest records the scale actually used.
+        print(f"sample: {prior_ckpt} is unconditional, so cfg_scale={cfg.settings.cfg_scale} becomes 1 (no guidance)")
+        cfg.settings = dataclasses.replace(cfg.settings, cfg_scale=1.0)
 
     out = Path(cfg.out)
     if (out / "manifest.json").exists() and not cfg.overwrite:
