@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"\n{'preset':<14}" + "".join(f"{k.split('/')[-1] + '(' + k.split('/')[0] + ')':>24}"
                                        for k in KEYS))
     for r in rows:
-        print(f"{r['preset']:<14}" + "".join(f"{r['metrics'].get(k, float('nan')):>24.4g}" for k in KEYS))
+        print(f"{r['preset']:<14}" + "".join(f"{r['metrics'][k]:>24.4g}" if k in r["metrics"] else f"{'–':>24}"
+                                           for k in KEYS))
     print(f"\nreport: {report}\nsamples: {out / rows[0]['grids']['samples']}\n"
           f"demo wall time: {time.perf_counter() - t0:.0f} s")
     return report
