@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict:
         "tokenizer": identity(tokenizer_ckpt),
         "source_manifest_sha256": recorded.get("source_manifest_sha256"),  # the media the prior's tokens came from
         "seed": cfg.seed, "settings": to_dict(cfg.settings), "count": len(records),
-        "conditional": cfg.num == 0, "num_per_class": cfg.num_per_class if cfg.num == 0 else 0,
+        "conditional": plan[0][0] is not None, "num_per_class": cfg.num_per_class if cfg.num == 0 else 0,
         "classes": [n for n in dict.fromkeys(name for _, name in plan) if n is not None],
         "class_names": names, "image_size": image_size, "grid": grid,
         "device": str(device), "prior_precision": "bf16" if device.type == "cuda" else "fp32",

@@ -26,29 +26,42 @@ def make_tokenizer(path, seed=0, num_codes=K):
     return path
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(tokenizer checkpoint, prior run dir) where the prior trained on tokens recorded as this tokenizer's."""
-    root = tmp_path_factory.mktemp("pair")
+def make_pair(root, class_names):
+    """(tokenizer checkpoint, prior run dir) where the prior trained on tokens recorded as this tokenizer's;
+    class_names=[] gives unlabelled tokens and so an unconditional prior."""
     tok = make_tokenizer(root / "tokenizer")
     tokens = root / "tokens"
     tokens.mkdir()
     rng = np.random.default_rng(0)
     counts = {}
     for split, n in (("train", 48), ("val", 8)):
-        labels = rng.integers(0, len(CLASSES), n)
+        labels = rng.integers(0, max(1, len(class_names)), n)
         codes = (10 * labels[:, None, None] + rng.integers(0, 4, (n, *GRID))) % K  # (n, 4, 4)
+        stored = labels if class_names else np.full(n, -1)
         write_token_shard(tokens / shard_name(split, 0),
-                          [TokenSample(f"{split}{i}", codes[i], int(labels[i])) for i in range(n)], K)
+                          [TokenSample(f"{split}{i}", codes[i], int(stored[i])) for i in range(n)], K)
         counts[split] = n
     # tokenizer_sha256 as encode_shards records it: the sha256 of model.safetensors
     TokenManifest(tokenizer_sha256=sha256_file(tok / "model.safetensors"), quantizer="simvq", num_codes=K,
-                  grid=list(GRID), counts=counts, class_names=CLASSES, source_manifest_sha256="cd" * 32,
+                  grid=list(GRID), counts=counts, class_names=class_names, source_manifest_sha256="cd" * 32,
                   shards={"train": 1, "val": 1}).save(tokens)
     run = root / "prior"
     train_prior.main([f"--tokens={tokens}", f"--out={run}", "--batch_size=8", "--model.size=tiny", "--loop.steps=3",
                       "--loop.warmup_steps=0", "--loop.lr=1e-3"])
     return tok, run
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"), CLASSES)
+
+
+def test_unconditional_prior_takes_num_per_class_without_guidance(tmp_path):
+    tok, prior = make_pair(tmp_path / "u", [])
+    m = sample.main([f"--prior={prior}", f"--tokenizer={tok}", f"--out={tmp_path / 's'}", "--num_per_class=3",
+                     "--settings.cfg_scale=2"])
+    assert m["count"] == 3 and m["conditional"] is False and m["settings"]["cfg_scale"] == 1.0
+    assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 3
 
 
 def run_sample(pair, out, *extra):
