@@ -62,3 +62,13 @@ def test_evaluate_refuses_samples_from_another_dataset(report, tmp_path):
 def test_unknown_preset_fails_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="is not <quantizer>-<K>"):
         compare.main([f"--data={tmp_path}", f"--out={tmp_path / 'o'}", "--presets=simvq-64,bogus-3"])
+
+
+def test_evaluate_reports_lpips_given_weight_files(report, digits_shards, lpips_files, tmp_path):
+    out, _, _ = report
+    vgg, lin = lpips_files
+    metrics = evaluate.main([f"--data={digits_shards}", f"--tokenizer={out / 'simvq-64' / 'tokenizer'}",
+                             f"--out={tmp_path / 'e'}", "--extractors=", f"--lpips_vgg16_path={vgg}",
+                             f"--lpips_lin_path={lin}", f"--fidelity.cache_dir={tmp_path / 'c'}"])
+    assert metrics["recon/lpips"] > 0 and "recon/psnr" in metrics
+    assert not any("fid" in k for k in metrics)  # no extractor asked for, none run

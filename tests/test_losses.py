@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
-from tokenizer.losses import (LPIPS, VGG16_CHANNELS, LossConfig, PatchDiscriminator, TokenizerLosses,
+from tokenizer.losses import (LPIPS, LossConfig, PatchDiscriminator, TokenizerLosses,
                               build_lpips, hinge_d_loss, non_saturating_g_loss, recon_l1, recon_l2, weighted_sum)
 
 
@@ -71,19 +70,11 @@ def test_lpips_stand_in_zero_for_identical_positive_otherwise():
     assert not lpips.training
 
 
-def test_lpips_from_vgg16_and_lin_files(tmp_path):
-    torch.manual_seed(0)
-    # A file in torchvision's vgg16 state_dict layout (features.<idx>.*, plus the classifier LPIPS ignores),
-    # with random values: the real file is never downloaded.
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in torchvision.models.vgg16(weights=None).state_dict().items()}
-    vgg_sd = {k: torch.randn(shape) * 0.05 for k, shape in shapes.items() if k.startswith("features.")}
-    vgg_sd["classifier.6.bias"] = torch.zeros(1000)
-    torch.save(vgg_sd, tmp_path / "vgg16.pth")
-    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(VGG16_CHANNELS)}
-    torch.save(lin, tmp_path / "lin.pth")
-
-    lpips = build_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "lin.pth"))
+def test_lpips_from_vgg16_and_lin_files(lpips_files, tmp_path):
+    vgg_path, lin_path = lpips_files
+    vgg_sd = torch.load(vgg_path, weights_only=True)
+    lin = torch.load(lin_path, weights_only=True)
+    lpips = build_lpips(str(vgg_path), str(lin_path))
     torch.testing.assert_close(lpips.heads[3].weight, lin["lin3.model.1.weight"])
     torch.testing.assert_close(lpips.backbone.slices[4][1].weight, vgg_sd["features.24.weight"])
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -93,7 +84,7 @@ def test_lpips_from_vgg16_and_lin_files(tmp_path):
 
     torch.save({"lin0.weight": torch.rand(1, 64, 1, 1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="lpips_lin_path"):
-        build_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "bad.pth"))
+        build_lpips(str(vgg_path), str(tmp_path / "bad.pth"))
 
 
 def test_missing_lpips_weights_say_what_to_do(tmp_path):
