@@ -21,19 +21,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.shards import sha256_file
+
 CHECKPOINT_VERSION = 1
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses non-contiguous and shared-storage tensors; a clone per tensor is cheap next to disk I/O.
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path: str | Path, *, config: dict, weights: dict[str, dict[str, torch.Tensor]],
@@ -103,11 +98,7 @@ def checkpoint_hash(path: str | Path) -> str:
 def weights_sha256(path: str | Path) -> str:
     """sha256 of model.safetensors alone: the identity token manifests and sample manifests record for a tokenizer,
     so that rewriting config.json (paths, step) does not orphan the token shards made with these weights."""
-    h = hashlib.sha256()
-    with open(Path(path) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(Path(path) / "model.safetensors")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

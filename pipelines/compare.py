@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from data.shards import write_text_atomic
 from pipelines import encode_shards, evaluate, sample, train_prior, train_tokenizer
-from pipelines.checkpoint import atomic_write_text
 from pipelines.config import parse_config
 from tokenizer.quantizers import QUANTIZERS
 
@@ -81,7 +81,7 @@ def run_stage(name: str, stage_dir: Path, fn: Callable[[list[str]], Any], argv: 
     if dataclasses.is_dataclass(result):
         result = dataclasses.asdict(result)
     result = json.loads(json.dumps(result, default=str))
-    atomic_write_text(done, json.dumps({"argv": argv, "result": result, "seconds": seconds}, indent=2))
+    write_text_atomic(done, json.dumps({"argv": argv, "result": result, "seconds": seconds}, indent=2))
     return result, seconds
 
 
@@ -166,8 +166,8 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
               "|---|" + "---|" * len(rows)]
     lines += [f"| {k} | " + " | ".join(fmt(r["metrics"].get(k)) for r in rows) + " |" for k in keys]
     report = out / "report.md"
-    atomic_write_text(report, "\n".join(lines) + "\n")
-    atomic_write_text(out / "report.json", json.dumps(rows, indent=2))
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(rows, indent=2))
     return report
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.shards import MANIFEST, media_loader, read_manifest, sha256_file
-from pipelines.checkpoint import atomic_write_text, load_tokenizer
+from data.shards import MANIFEST, media_loader, read_manifest, sha256_file, write_text_atomic
+from pipelines.checkpoint import load_tokenizer
 from pipelines.config import parse_config, to_dict
 from pipelines.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
                                   train_domain_classifier)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
                              "settings": manifest.get("settings")}
 
     record["metrics"] = metrics
-    atomic_write_text(out / "metrics.json", json.dumps(record, indent=2, default=str))
+    write_text_atomic(out / "metrics.json", json.dumps(record, indent=2, default=str))
     for n in notes:
         print(f"[evaluate] {n}")
     print(json.dumps(metrics, indent=2))

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torchvision.utils import save_image
 
-from data.shards import media_loader
-from pipelines.checkpoint import atomic_write_text, load_tokenizer
+from data.shards import media_loader, write_text_atomic
+from pipelines.checkpoint import load_tokenizer
 from pipelines.config import parse_config, to_dict
 from pipelines.image_metrics import from_model_range, psnr, ssim
 from tokenizer.quantizers import CodebookUsage
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics = {k.replace("val/", f"{cfg.split}/"): v for k, v in metrics.items()}
     record = {"metrics": metrics, "tokenizer": str(ckpt), "settings": to_dict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(record, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
     print(json.dumps(metrics, indent=2))
     return metrics
 

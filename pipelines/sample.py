@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from pipelines.checkpoint import (atomic_write_text, checkpoint_hash, load_config, load_prior, load_tokenizer,
-                                  weights_sha256)
+from data.shards import write_text_atomic
+from pipelines.checkpoint import checkpoint_hash, load_config, load_prior, load_tokenizer, weights_sha256
 from pipelines.config import parse_config, to_dict
 from prior import Prior, SampleSettings, sample
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict:
         "token_manifest": recorded,
         "images": records,
     }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {len(records)} samples to {out}/images, {out}/grid.png and {out}/manifest.json")
     return {k: v for k, v in manifest.items() if k != "images"}  # the per-image list stays on disk
 

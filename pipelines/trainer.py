@@ -32,7 +32,8 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import nn
 
-from pipelines.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_state, save_checkpoint
+from data.shards import write_text_atomic
+from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_state, save_checkpoint
 
 
 @dataclass
@@ -158,7 +159,7 @@ class Trainer:
         self._active: str | None = None
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.json", json.dumps(full_config, indent=2))
+            write_text_atomic(self.run_dir / "config.json", json.dumps(full_config, indent=2))
 
     @property
     def device(self) -> torch.device:
