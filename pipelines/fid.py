@@ -19,15 +19,17 @@ is cached. KID and precision/recall reuse the cached features through torch-fide
 `frechet_distance` below (float64, scipy sqrtm). `torch_fidelity_metrics` runs the same comparison through
 `calculate_metrics` end to end, as a cross-check (see tests/test_fid.py).
 
-Small sets: FID needs >= 2 images per side (a covariance); KID's subset size becomes min(kid_subset_size, n1, n2);
-the precision/recall neighbourhood becomes min(k, n1 - 1, n2 - 1). Values from few images are noisy, not wrong.
+Small sets: FID needs >= 2 images per side (a covariance); the precision/recall neighbourhood becomes
+min(k, n1 - 1, n2 - 1). KID's subsets hold min(kid_subset_size, min(n1, n2) // 2) images: a subset as large as a
+whole set is the same set every time, and the reported spread would be ~0 whatever the data. Below KID_MIN_IMAGES
+images on a side no KID is reported; `FidelityResult.notes` says why. Values from few images are noisy, not wrong.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -40,6 +42,9 @@ from pipelines.weights import DEFAULT_INCEPTION_PATH, sha256_file
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-2015 FID Inception
 CACHE_VERSION = 1
+# KID needs subsets that differ from each other: with half of the smaller set per subset, fewer than 10 images would
+# mean subsets of < 5, whose mean and spread say little.
+KID_MIN_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class FidelityConfig:
     batch_size: int = 32         # images per extractor forward pass
     cuda: bool = False           # run the extractor on the GPU
     kid_subsets: int = 100       # torch-fidelity's default
-    kid_subset_size: int = 1000  # torch-fidelity's default; capped at the smaller set size
+    kid_subset_size: int = 1000  # torch-fidelity's default; capped at half the smaller set (see module docstring)
     prc_neighborhood: int = 3    # k of the k-NN manifold radii (torch-fidelity's default); capped at n - 1
     seed: int = 2020             # KID subset sampling (torch-fidelity's default rng_seed)
     cache_dir: str = "runs/fid_cache"  # where reference features are cached (.npz)
@@ -68,10 +73,11 @@ class FidelityResult:
     metrics: dict[str, float]   # fid_<tag>, kid_<tag>, kid_std_<tag>, precision_<tag>, recall_<tag>, f_score_<tag>
     n_generated: int
     n_reference: int
-    kid_subset_size: int        # what KID actually used (0 when KID was not asked for)
+    kid_subset_size: int        # what KID actually used (0 when KID was not asked for or the sets are too small)
     prc_neighborhood: int       # what precision/recall actually used (0 when not asked for)
     reference_cache: str | None  # the .npz holding the reference features, None when not cached
     cache_hit: bool
+    notes: list[str] = field(default_factory=list)  # metrics asked for but not computed, and why
 
 
 def metric_tag(registry_name: str) -> str:
@@ -228,7 +234,10 @@ def reference_features(reference: torch.Tensor | Iterable[torch.Tensor], referen
 
 
 def _kid_subset_size(cfg: FidelityConfig, n1: int, n2: int) -> int:
-    return min(cfg.kid_subset_size, n1, n2)
+    """0 when a set is too small for KID; else at most half the smaller set, so the subsets differ."""
+    if min(n1, n2) < KID_MIN_IMAGES:
+        return 0
+    return min(cfg.kid_subset_size, min(n1, n2) // 2)
 
 
 def _prc_neighborhood(cfg: FidelityConfig, n1: int, n2: int) -> int:
@@ -247,21 +256,26 @@ def metrics_from_features(gen: np.ndarray, ref: np.ndarray, tag: str, cfg: Fidel
     if min(n1, n2) < 2:
         raise ValueError(f"fid: need at least 2 images per set, got {n1} generated and {n2} reference")
     out: dict[str, float] = {}
+    notes: list[str] = []
     kid_m = prc_k = 0
     if "fid" in cfg.metrics:
         out[f"fid_{tag}"] = frechet_distance(*feature_statistics(gen), *feature_statistics(ref))
     if "kid" in cfg.metrics:
         kid_m = _kid_subset_size(cfg, n1, n2)
-        kid = kid_features_to_metric(torch.from_numpy(gen), torch.from_numpy(ref), kid_subsets=cfg.kid_subsets,
-                                     kid_subset_size=kid_m, rng_seed=cfg.seed, verbose=False)
-        out[f"kid_{tag}"], out[f"kid_std_{tag}"] = kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
+        if kid_m:
+            kid = kid_features_to_metric(torch.from_numpy(gen), torch.from_numpy(ref), kid_subsets=cfg.kid_subsets,
+                                         kid_subset_size=kid_m, rng_seed=cfg.seed, verbose=False)
+            out[f"kid_{tag}"], out[f"kid_std_{tag}"] = kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
+        else:
+            notes.append(f"kid_{tag} not computed: {n1} generated and {n2} reference images, KID needs at least "
+                         f"{KID_MIN_IMAGES} per side")
     if "prc" in cfg.metrics:
         prc_k = _prc_neighborhood(cfg, n1, n2)
         # torch-fidelity's convention: input 1 = generated, input 2 = real.
         prc = prc_features_to_metric(torch.from_numpy(gen), torch.from_numpy(ref), prc_neighborhood=prc_k,
                                      verbose=False)
         out.update({f"{k}_{tag}": float(prc[k]) for k in ("precision", "recall", "f_score")})
-    return FidelityResult(out, n1, n2, kid_m, prc_k, None, False)
+    return FidelityResult(out, n1, n2, kid_m, prc_k, None, False, notes)
 
 
 def compute_fidelity(generated: torch.Tensor | Iterable[torch.Tensor],
@@ -285,9 +299,10 @@ def torch_fidelity_metrics(generated: torch.Tensor | Iterable[torch.Tensor],
     cfg = cfg or FidelityConfig()
     gen, ref = ImageDataset(generated), ImageDataset(reference)
     n1, n2 = len(gen), len(ref)
+    kid_m = _kid_subset_size(cfg, n1, n2)  # the subset size compute_fidelity uses; no KID where it gives none
     raw = torch_fidelity.calculate_metrics(
-        input1=gen, input2=ref, fid="fid" in cfg.metrics, kid="kid" in cfg.metrics, prc="prc" in cfg.metrics,
-        kid_subsets=cfg.kid_subsets, kid_subset_size=_kid_subset_size(cfg, n1, n2),
+        input1=gen, input2=ref, fid="fid" in cfg.metrics, kid="kid" in cfg.metrics and kid_m > 0,
+        prc="prc" in cfg.metrics, kid_subsets=cfg.kid_subsets, kid_subset_size=kid_m,
         prc_neighborhood=_prc_neighborhood(cfg, n1, n2), rng_seed=cfg.seed, cache=False, save_cpu_ram=True,
         **_fidelity_kwargs(extractor, cfg))
     names = {torch_fidelity.KEY_METRIC_FID: "fid", torch_fidelity.KEY_METRIC_KID_MEAN: "kid",

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from pipelines.fid import (Extractor, FidelityConfig, as_uint8_images, compute_fidelity, feature_statistics,
-                           frechet_distance, inception_extractor, metric_tag, registered_extractor, to_uint8,
-                           torch_fidelity_metrics)
+from pipelines.fid import (Extractor, FidelityConfig, as_uint8_images, compute_fidelity, extract_features,
+                           feature_statistics, frechet_distance, inception_extractor, metric_tag,
+                           registered_extractor, to_uint8, torch_fidelity_metrics)
 
 # ---------------------------------------------------------------------------------------------- Fréchet distance
 
@@ -133,15 +133,39 @@ def test_calculate_metrics_path_agrees(tiny):
     assert ours["fid_test_tiny_extractor"] > 0.01
 
 
-@pytest.mark.parametrize("n_gen,n_ref", [(2, 2), (3, 7), (5, 40)])
+@pytest.mark.parametrize("n_gen,n_ref", [(10, 10), (11, 25), (40, 12)])
 def test_small_sets_adapt_instead_of_crashing(tiny, n_gen, n_ref):
     cfg = FidelityConfig(kid_subsets=3)
     res = compute_fidelity(_images(n_gen, 0), _images(n_ref, 1), tiny, cfg)
-    assert res.kid_subset_size == min(n_gen, n_ref)
+    assert res.kid_subset_size == min(n_gen, n_ref) // 2
     assert res.prc_neighborhood == min(3, n_gen - 1, n_ref - 1)
     assert all(np.isfinite(v) for v in res.metrics.values()), res.metrics
     theirs = torch_fidelity_metrics(_images(n_gen, 0), _images(n_ref, 1), tiny, cfg)
     assert theirs["kid_test_tiny_extractor"] == pytest.approx(res.metrics["kid_test_tiny_extractor"], rel=1e-5)
+
+
+def test_kid_spread_is_real_when_a_set_has_fewer_images_than_the_subset_size(tiny):
+    # 20 per side, default kid_subset_size 1,000: a subset of all 20 is the same set every time, so the std over
+    # 100 subsets was ~1e-9 of the mean (the demo's -0.115 +- 0.0000013).
+    gen, ref = _noisy(_images(20, 0), 20), _images(20, 1)
+    res = compute_fidelity(gen, ref, tiny, FidelityConfig())
+    assert res.kid_subset_size == 10
+    kid, std = res.metrics["kid_test_tiny_extractor"], res.metrics["kid_std_test_tiny_extractor"]
+    assert std > 0.01 * abs(kid), (kid, std)
+
+
+@pytest.mark.parametrize("n_gen,n_ref", [(2, 2), (3, 7), (9, 40)])
+def test_kid_is_left_out_with_a_note_below_ten_images_a_side(tiny, n_gen, n_ref):
+    cfg = FidelityConfig(kid_subsets=3)
+    res = compute_fidelity(_images(n_gen, 0), _images(n_ref, 1), tiny, cfg)
+    assert res.kid_subset_size == 0
+    assert not any(k.startswith("kid") for k in res.metrics)
+    assert res.notes == [f"kid_test_tiny_extractor not computed: {n_gen} generated and {n_ref} reference images, "
+                         f"KID needs at least 10 per side"]
+    assert {"fid_test_tiny_extractor", "precision_test_tiny_extractor"} <= set(res.metrics)
+    assert all(np.isfinite(v) for v in res.metrics.values()), res.metrics
+    theirs = torch_fidelity_metrics(_images(n_gen, 0), _images(n_ref, 1), tiny, cfg)
+    assert set(theirs) == set(res.metrics)
 
 
 def test_one_image_fails_clearly(tiny):
@@ -242,6 +266,7 @@ def test_inception_conversion_from_wheel(tmp_path):
     sd = torch.load(result.path, map_location="cpu", weights_only=True)
     assert sd["Conv2d_1a_3x3.bn.weight"].eq(1).all() and torch.isnan(sd["fc.weight"]).all()
     ext = inception_extractor(result.path)
-    # KID, not FID: sqrtm of a 2048x2048 product takes tens of seconds on this CPU, the pool3 wiring is the point.
-    res = compute_fidelity(_images(2, 0, 16), _images(2, 1, 16), ext, FidelityConfig(metrics=("kid",), kid_subsets=2))
-    assert np.isfinite(res.metrics["kid_inception"]) and res.metrics["kid_inception"] != 0
+    # Features, not FID: sqrtm of a 2048x2048 product takes tens of seconds on this CPU, and KID needs 10 images a
+    # side; the pool3 wiring is the point.
+    feats = extract_features(torch.cat([_images(1, 0, 16), _images(1, 1, 16)]), ext, FidelityConfig())
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
