@@ -7,9 +7,12 @@
 
     cfg = parse_config(TrainConfig, ["--config", "run.toml", "--steps=50", "--model.size=tiny"])
 
-Nested dataclasses are addressed by dotted keys on the command line and by tables in TOML. An unknown key or a value
-of the wrong type raises `ConfigError` naming the key and listing the valid ones: a typo must never be a silent
-no-op. `to_dict`/`from_dict` give the JSON form that travels inside checkpoints and manifests.
+Nested dataclasses are addressed by dotted keys on the command line and by tables in TOML. A partial table for a
+nested dataclass keeps that section's other defaults; a value for a dict-typed field (e.g. `losses.weights`) replaces
+the default dict whole, from every source (TOML table, JSON string, dotted keys), so an ablation's weights are exactly
+the ones written. An unknown key or a value of the wrong type raises `ConfigError` naming the key and listing the valid
+ones: a typo must never be a silent no-op. `to_dict`/`from_dict` give the JSON form that travels inside checkpoints
+and manifests.
 """
 from __future__ import annotations
 
@@ -81,10 +84,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if isinstance(value, str):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: expected a table/dict (JSON on the command line), got {value!r}") from e
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table/dict, got {value!r}")
-        return dict(value)
+        kt, vt = args if args else (Any, Any)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -137,7 +144,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
             # A partial table overrides the *parent's* default for this section (e.g. a stage's own LoopConfig
             # defaults), not the section class's bare defaults.
-            v = _merge(to_dict(f.default_factory()), v)
+            v = merge_config(hints[k], to_dict(f.default_factory()), v)
         kwargs[k] = _convert(v, hints[k], prefix + k)
     return cls(**kwargs)
 
@@ -157,10 +164,15 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_config(cls: type, base: dict, over: dict) -> dict:
+    """`over` on top of `base`, both raw dicts for `cls`: tables of nested dataclass sections merge key by key, every
+    other value (a dict-typed field's dict included) replaces the base value whole."""
+    hints = _hints(cls)
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        tp = hints.get(k)
+        section = tp is not None and dataclasses.is_dataclass(tp)
+        out[k] = merge_config(tp, out[k], v) if section and isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -194,12 +206,16 @@ def parse_config(cls: type[T], argv: list[str] | None = None, base: dict | None 
             path = Path(value)
             if not path.is_file():
                 raise ConfigError(f"config file {path} not found")
-            with open(path, "rb") as f:
-                tree = _merge(tree, tomllib.load(f))
+            try:
+                with open(path, "rb") as f:
+                    loaded = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+            tree = merge_config(cls, tree, loaded)
         else:
             _set_dotted(overrides, key, value)
         i += 1
-    return from_dict(cls, _merge(tree, overrides))
+    return from_dict(cls, merge_config(cls, tree, overrides))
 
 
 def describe(cls, prefix: str = "") -> str:

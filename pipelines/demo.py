@@ -45,7 +45,7 @@ def stage_overrides(cfg: DemoConfig) -> dict:
         "tokenizer": {
             "batch_size": 64, "model": {"size": "tiny"},
             # No LPIPS here: no VGG weights exist offline. The GAN's PatchGAN has 2 layers for 16x16 inputs.
-            "losses": {"weights": json.dumps({"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}), "disc_layers": 2},
+            "losses": {"weights": {"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}, "disc_layers": 2},
             "loop": {"steps": tok_steps, "lr": 1e-3, "warmup_steps": 20, "log_every": 20,
                      "eval_every": tok_steps, "ckpt_every": max(50, tok_steps // 4)},
         },
