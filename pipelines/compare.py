@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,18 +42,32 @@ class CompareConfig:
     evaluate: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.evaluate
 
 
-def to_argv(overrides: dict[str, Any], prefix: str = "") -> list[str]:
-    """{"loop": {"steps": 5}, "x": [1, 2]} -> ["--loop.steps=5", "--x=[1, 2]"] (nested dicts become dotted keys;
-    a dict under a key that is itself a dict-typed field, like losses.weights, must be given as a JSON string)."""
+def to_argv(overrides: dict[str, Any], cls: type, prefix: str = "") -> list[str]:
+    """Stage overrides -> that stage's `--key=value` arguments, for the stage config class `cls`:
+    {"loop": {"steps": 5}, "losses": {"weights": {"recon/l1": 1}}} -> ["--loop.steps=5",
+    '--losses.weights={"recon/l1": 1}']. Tables of nested sections become dotted keys; a dict-typed field's table
+    travels whole as JSON, so it replaces the stage's default dict exactly as the TOML table says."""
+    hints = typing.get_type_hints(cls)
     argv = []
     for k, v in overrides.items():
-        if isinstance(v, dict):
-            argv += to_argv(v, f"{prefix}{k}.")
-        elif isinstance(v, (list, tuple, bool)) or v is None:
+        tp = hints.get(k)
+        if isinstance(v, dict) and tp is not None and dataclasses.is_dataclass(tp):
+            argv += to_argv(v, tp, f"{prefix}{k}.")
+        elif isinstance(v, (dict, list, tuple, bool)) or v is None:
             argv.append(f"--{prefix}{k}={json.dumps(v)}")
         else:
             argv.append(f"--{prefix}{k}={v}")
     return argv
+
+
+STAGE_CONFIGS = {"tokenizer": train_tokenizer.TrainTokenizerConfig, "encode": encode_shards.EncodeShardsConfig,
+                 "prior": train_prior.TrainPriorConfig, "sample": sample.SampleConfig,
+                 "evaluate": evaluate.EvaluateConfig}
+
+
+def stage_argv(cfg: CompareConfig, stage: str) -> list[str]:
+    """The [stage] table of the compare config as that stage's arguments."""
+    return to_argv(getattr(cfg, stage), STAGE_CONFIGS[stage])
 
 
 def parse_preset(name: str) -> tuple[str, int]:
@@ -94,19 +109,19 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
 
     argv = [f"--data={cfg.data}", f"--out={tok_dir}", f"--model.quantizer={quantizer}", f"--model.num_codes={k}"]
     _, row["seconds"]["tokenizer"] = run_stage("train_tokenizer", tok_dir, train_tokenizer.main,
-                                               argv + to_argv(cfg.tokenizer), resumable=True)
+                                               argv + stage_argv(cfg, "tokenizer"), resumable=True)
     argv = [f"--data={cfg.data}", f"--tokenizer={tok_dir}", f"--out={tokens_dir}"]
     _, row["seconds"]["encode"] = run_stage("encode_shards", tokens_dir, encode_shards.main,
-                                            argv + to_argv(cfg.encode), resumable=False)
+                                            argv + stage_argv(cfg, "encode"), resumable=False)
     argv = [f"--tokens={tokens_dir}", f"--out={prior_dir}"]
     prior_result, row["seconds"]["prior"] = run_stage("train_prior", prior_dir, train_prior.main,
-                                                      argv + to_argv(cfg.prior), resumable=True)
+                                                      argv + stage_argv(cfg, "prior"), resumable=True)
     argv = [f"--prior={prior_dir}", f"--tokenizer={tok_dir}", f"--out={samples_dir}"]
-    _, row["seconds"]["sample"] = run_stage("sample", samples_dir, sample.main, argv + to_argv(cfg.sample),
+    _, row["seconds"]["sample"] = run_stage("sample", samples_dir, sample.main, argv + stage_argv(cfg, "sample"),
                                             resumable=False)
     argv = [f"--data={cfg.data}", f"--tokenizer={tok_dir}", f"--samples={samples_dir}", f"--out={eval_dir}"]
     metrics, row["seconds"]["evaluate"] = run_stage("evaluate", eval_dir, evaluate.main,
-                                                    argv + to_argv(cfg.evaluate), resumable=False)
+                                                    argv + stage_argv(cfg, "evaluate"), resumable=False)
     row["metrics"] = {**metrics, **{f"prior/{k2}": v for k2, v in (prior_result or {}).items()
                                     if k2.startswith("val/")}}
     row["grids"] = {"recon": str((eval_dir / "recon.png").relative_to(cfg.out)),
