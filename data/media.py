@@ -4,7 +4,8 @@ Two moments touch the pixels/samples of a file:
 
 1. Shard time (`normalise`): an arbitrary user file (any PIL mode, any size; any wav layout and rate) is
    turned *once* into canonical bytes that go into the shard:
-   - image: PNG of 8-bit RGB. Resize policy (`MediaSpec.resize`):
+   - image: PNG of 8-bit RGB (integer greys scaled by the bit depth their mode/header declares, see
+     `to_rgb`). Resize policy (`MediaSpec.resize`):
      "short_side" (default) resizes the short side to `size` and keeps the aspect ratio, so that the
      paper's training augmentation (random crop along the long side, SimVQ spec section 3) still has
      something to crop at read time; "center_crop" also center-crops to size x size (smallest shards);
@@ -18,14 +19,16 @@ Two moments touch the pixels/samples of a file:
      are zero-padded at the end.
 
 Audio is a preset of the same code (`modality="audio"` selects another `Modality` in `MODALITIES`),
-not a second pipeline. Anything that cannot be decoded raises `MediaError`; the shard writer catches
-it, logs the path and records it in the manifest.
+not a second pipeline. Anything that cannot be decoded raises `MediaError` with a reason about the
+bytes ("zero-byte file", "not an image: ...", "truncated JPEG image (...)", "corrupt PNG image: ...");
+the shard writer catches it, logs it with the file's origin and records both in the manifest.
 """
 
 from __future__ import annotations
 
 import io
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -33,12 +36,13 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio.functional
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 AUDIO_EXTENSIONS = (".wav", ".flac")
 RESIZE_POLICIES = ("short_side", "center_crop", "none")
 WHITE = (255, 255, 255)  # transparent pixels are composited onto white (their RGB is often garbage)
+BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # what decoders call in-memory bytes
 
 
 class MediaError(ValueError):
@@ -69,9 +73,12 @@ class MediaSpec:
 
 
 # ---------------------------------------------------------------------------------------------- image
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Alpha is composited on white; 16/32-bit and float greys are rescaled
-    (PIL's own convert() clips I;16 to 255, which turns a 16-bit photo white)."""
+def to_rgb(img: Image.Image, white: int | None = None) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white. Integer greys are rescaled so that
+    `white` (default `white_level(img)`) becomes 255: PIL's own convert() clips I;16 to 255, which turns
+    a 16-bit photo white. The range comes from the mode/header, never from the pixel values: a dark
+    16-bit image (all values <= 255) must stay dark, not be read as 8-bit. Float greys ("F") are the
+    exception: they declare no range, so [0, 1] is assumed when the values fit, else 0..255."""
     if img.mode == "RGB":
         return img
     if img.mode == "P":  # palette: its transparency lives in info, go through RGBA to honour it
@@ -82,13 +89,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode.startswith("I") or img.mode == "F":
         grey = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
+        if img.mode == "F":  # no declared range: [0, 1] when it fits, else taken as 0..255
             grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey
-        elif grey.max(initial=0.0) > 255:
-            grey = grey / 257.0  # 16-bit range [0, 65535] -> [0, 255]
+        else:
+            grey = grey * (255.0 / (white or white_level(img)))
         grey8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
         return Image.fromarray(grey8).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, ... (PIL raises for modes it cannot convert)
+
+
+def white_level(img: Image.Image) -> int:
+    """The largest value of an integer grey image ("I;16*" or "I"), from its mode and file header.
+    "I" is PIL's 32-bit container: TIFF declares the real depth (BitsPerSample, SampleFormat 2 =
+    signed), while PGM/PPM with maxval > 255 open as "I" holding 16-bit values. Read it before anything
+    (exif_transpose, copy) replaces the image object, since that drops the header."""
+    if img.mode.startswith("I;16"):
+        return 2**16 - 1
+    tags = getattr(img, "tag_v2", {})
+    bits, sample_format = tags.get(258, 16), tags.get(339, 1)  # TIFF: an int, or a tuple with one per channel
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    return 2 ** (bits - 1 if sample_format == 2 else bits) - 1
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
@@ -111,14 +132,48 @@ def crop_square(img: Image.Image, size: int, rng: random.Random | None) -> Image
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Bytes -> fully loaded RGB image (load() forces decoding so truncated files fail here, not later)."""
+    """Bytes -> fully loaded RGB image (load() forces decoding so truncated files fail here, not later).
+    Raises MediaError saying what is wrong with the bytes; the caller names the file."""
+    if not data:
+        raise MediaError("zero-byte file")
+    claimed = sniff_image_format(data)
     try:
         img = Image.open(io.BytesIO(data))
+        claimed = img.format or claimed
         img.load()
+        white = white_level(img) if img.mode.startswith("I") else None  # before exif_transpose drops the header
         img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-        return to_rgb(img)
+        return to_rgb(img, white)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-        raise MediaError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+        raise MediaError(image_problem(exc, data, claimed)) from exc
+
+
+# File signatures, to tell "not an image at all" from "an image whose header is damaged".
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP",
+              b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+def sniff_image_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+
+
+def image_problem(exc: Exception, data: bytes, claimed: str | None) -> str:
+    """A reason a person can act on, instead of PIL's "cannot identify image file <_io.BytesIO ...>".
+    `claimed`: the format the file says it is (PIL's, else its signature), None when unrecognised."""
+    kind = f"{claimed} image" if claimed else "image"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"{kind} too large to decode safely: {exc}"
+    message = BYTESIO_REPR.sub("the file", str(exc))
+    if isinstance(exc, EOFError) or "truncated" in message.lower():  # "image file is truncated", "Truncated File Read"
+        return f"truncated {kind} ({message})"
+    if isinstance(exc, UnidentifiedImageError):
+        if claimed:
+            return f"corrupt {kind}: the header cannot be parsed"
+        # the first bytes often say what the file really is: b'<html>' from a failed download, ...
+        return f"not an image: unrecognised format ({len(data)} bytes starting {data[:12]!r})"
+    return f"corrupt {kind}: {type(exc).__name__}: {message}"
 
 
 def normalise_image(data: bytes, spec: MediaSpec) -> bytes:
@@ -145,10 +200,12 @@ def decode_image(data: bytes, spec: MediaSpec, rng: random.Random | None) -> tor
 # ---------------------------------------------------------------------------------------------- audio
 def read_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Bytes -> (mono float32 (T,), sample rate). Channels are averaged."""
+    if not data:
+        raise MediaError("zero-byte file")
     try:
         wav, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
-    except Exception as exc:
-        raise MediaError(f"cannot decode audio: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # libsndfile names the stream "<_io.BytesIO object at 0x...>": say "the file"
+        raise MediaError(f"not a readable audio file: {BYTESIO_REPR.sub('the file', str(exc))}") from exc
     if wav.shape[0] == 0:
         raise MediaError("audio file has no samples")
     return wav.mean(axis=1), rate

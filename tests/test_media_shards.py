@@ -98,6 +98,53 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path):
     assert on_disk["num_skipped"] == 2 and not list((tmp_path / "out").glob("*.tmp"))
 
 
+def test_skip_reasons_say_what_is_wrong_and_name_the_file(tmp_path):
+    src = make_folder(tmp_path / "src", per_class=1)
+    (src / "cat" / "empty.jpg").write_bytes(b"")
+    (src / "cat" / "page.jpg").write_bytes(b"<html><body>404</body></html>")  # a failed download
+    (src / "cat" / "header.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    jpeg = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+    (src / "dog" / "cut.jpg").write_bytes(jpeg.getvalue()[:1500])
+    logged = []
+    manifest = write_media_shards(folder(src), tmp_path / "out", MediaSpec(size=8), log=logged.append)
+    reasons = {s["origin"]: s["reason"] for s in manifest.skipped}
+    assert set(reasons) == {"cat/empty.jpg", "cat/page.jpg", "cat/header.png", "dog/cut.jpg"}
+    assert reasons["cat/empty.jpg"] == "zero-byte file"
+    assert reasons["cat/page.jpg"] == "not an image: unrecognised format (29 bytes starting b'<html><body>')"
+    assert reasons["cat/header.png"] == "corrupt PNG image: the header cannot be parsed"
+    assert reasons["dog/cut.jpg"].startswith("truncated JPEG image (")
+    assert sorted(logged) == sorted(f"make_shards: skipping {o}: {r}" for o, r in reasons.items())
+    assert not any("BytesIO" in r for r in reasons.values())
+    with pytest.raises(MediaError, match="^zero-byte file$"):
+        normalise(b"", MediaSpec(modality="audio"))
+    with pytest.raises(MediaError, match="^not a readable audio file: Error opening the file: Format not recognised"):
+        normalise(b"RIFF nope", MediaSpec(modality="audio"))
+
+
+def _pgm16(values: np.ndarray) -> bytes:  # 16-bit PGM: PIL opens it as mode "I"
+    return f"P5\n{values.shape[1]} {values.shape[0]}\n65535\n".encode() + values.astype(">u2").tobytes()
+
+
+def _encoded(values: np.ndarray, dtype, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(dtype)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("make, mode", [(lambda v: _encoded(v, np.uint16, "PNG"), "I;16"),
+                                        (lambda v: _encoded(v, ">u2", "TIFF"), "I;16B"),
+                                        (_pgm16, "I")], ids=["png-I;16", "tiff-I;16B", "pgm-I"])
+def test_a_dark_16_bit_image_stays_dark(make, mode):
+    values = np.array([[0, 100, 200, 255], [255, 200, 100, 0]])  # all <= 255: still 16-bit values, near black
+    data = make(values)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    stored = Image.open(io.BytesIO(normalise(data, MediaSpec(size=2, resize="none"))))
+    assert np.asarray(stored)[..., 0].tolist() == np.rint(values * 255 / 65535).astype(int).tolist()  # 0 or 1
+    eight_bit = normalise(_encoded(values, np.uint8, "PNG"), MediaSpec(size=2, resize="none"))
+    assert np.asarray(Image.open(io.BytesIO(eight_bit)))[..., 0].tolist() == values.tolist()
+
+
 def test_split_is_stable_when_a_file_is_added(tmp_path):
     src = make_folder(tmp_path / "src", per_class=10)
 
