@@ -6,7 +6,9 @@
   '_' (webdataset splits a tar member name at the first '.' of its basename). Labels: with
   `labels="auto"` (default) the folder is labelled when every file sits inside a first-level sub-folder,
   and the class is that sub-folder's name (class names sorted, index = position). Adding a class folder
-  later therefore renumbers the classes: re-shard and retrain the prior.
+  later therefore renumbers the classes: re-shard and retrain the prior. Items are listed in path order,
+  i.e. grouped by class; the shard writer (data/shards.py) shuffles them, and drops a class none of whose
+  files is readable (renumbering the others).
 
 Built-ins:
 - `digits`: scikit-learn's `load_digits` (1,797 greyscale 8x8 digits, labels '0'..'9', values 0..16),

@@ -6,8 +6,12 @@ Layout of a shard directory (format "simvq-media-shards", version 1):
     {split}-{index:06d}.tar   split in {"train", "val"}, index from 0 per split
     manifest.json             written last: a directory without it is an interrupted run
 Each sample in a tar: `{key}.png` (or `{key}.wav`, see data/media.py) and `{key}.cls` (ASCII int label,
--1 when unlabelled). Every tar is written to `{name}.tmp` and renamed when complete, so a shard that
-exists is whole.
+index into the manifest's `class_names`, -1 when unlabelled). Every tar is written to `{name}.tmp` and
+renamed when complete, so a shard that exists is whole.
+
+Sample order: the source's items shuffled by `random.Random(shuffle_seed)` (recorded in the manifest),
+so every shard mixes classes; a folder source lists files sorted by path, i.e. grouped by class. The
+shard bytes are a deterministic function of (source files, spec, split_seed, shuffle_seed, shard limits).
 
 Split rule (stable when files are added, because it looks at one key only):
     val  iff  int(sha256(f"{split_seed}:{key}")[:16], 16) / 2**64 < val_fraction
@@ -15,6 +19,7 @@ Split rule (stable when files are added, because it looks at one key only):
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import itertools
@@ -153,6 +158,8 @@ class MediaManifest:
     split_seed: int  # see the split rule in the module docstring
     val_fraction: float
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"origin", "reason"} per skipped file
+    shuffle_seed: int | None = None  # order the samples were written in; None: source order (older writer)
+    dropped_classes: list[str] = field(default_factory=list)  # source classes with no readable file
     format: str = MEDIA_FORMAT
     version: int = MEDIA_VERSION
 
@@ -189,10 +196,16 @@ def read_manifest(directory: str | Path) -> MediaManifest:
 
 # ---------------------------------------------------------------------------------------- the writer
 def write_media_shards(source: Source, out_dir: str | Path, spec: MediaSpec, *, val_fraction: float = 0.1,
-                       split_seed: int = 0, max_count: int = 1_000, max_bytes: int = 256 << 20,
-                       overwrite: bool = False, log: Callable[[str], None] = print) -> MediaManifest:
+                       split_seed: int = 0, shuffle_seed: int = 0, max_count: int = 1_000,
+                       max_bytes: int = 256 << 20, overwrite: bool = False,
+                       log: Callable[[str], None] = print) -> MediaManifest:
     """Normalise every item of `source` and write it to its split's shards, then `manifest.json`.
-    Items that fail to read or decode are skipped, logged and listed in the manifest."""
+
+    Items are written in a `shuffle_seed`-shuffled order, not the source's (sorted, so class-grouped)
+    order: the train reader only resamples shards and mixes within its buffer, so class-ordered shards
+    would give batches of one or two classes. Items that fail to read or decode are skipped, logged
+    with their origin and listed in the manifest. A class none of whose items was written is dropped
+    from `class_names` (recorded in `dropped_classes`) and the other labels are renumbered to match."""
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out / MANIFEST} exists: {out} already holds shards; pass --overwrite=true "
@@ -201,38 +214,68 @@ def write_media_shards(source: Source, out_dir: str | Path, spec: MediaSpec, *, 
     (out / MANIFEST).unlink(missing_ok=True)  # from here on, a crash leaves no valid manifest behind
     sinks = {s: ShardSink(out, s, max_count, max_bytes) for s in SPLITS}
     skipped: list[dict[str, str]] = []
-    seen: set[str] = set()
+
+    def skip(origin: str, reason: str) -> None:
+        log(f"make_shards: skipping {origin}: {reason}")
+        skipped.append({"origin": origin, "reason": reason})
+
+    # Duplicates are resolved in source order (the first one wins), so the seed never decides which file is kept.
+    items, seen = [], set()
+    for item in source.items:
+        if item.key in seen:
+            skip(item.origin, f"duplicate key {item.key!r} (names that differ only in '.' vs '_')")
+        else:
+            seen.add(item.key)
+            items.append(item)
+    random.Random(shuffle_seed).shuffle(items)
     field_name = MODALITIES[spec.modality].field
+    written = collections.Counter()  # label -> samples written
     try:
-        for item in source.items:
+        for item in items:
             try:
-                if item.key in seen:
-                    raise MediaError(f"duplicate key {item.key!r} (names that differ only in '.' vs '_')")
                 raw = item.read()
                 payload = raw if source.canonical else normalise(raw, spec)
             except (MediaError, OSError) as exc:  # a bad file costs one sample, never the whole run
-                log(f"make_shards: skipping {item.origin}: {exc}")
-                skipped.append({"origin": item.origin, "reason": str(exc)})
+                skip(item.origin, str(exc))
                 continue
-            seen.add(item.key)
             split = assign_split(item.key, split_seed, val_fraction)
             sinks[split].add(item.key, {field_name: payload, "cls": str(item.label).encode()})
+            written[item.label] += 1
+        for sink in sinks.values():
+            sink.close()
+        if not written:
+            raise MediaError(f"no readable samples in {source.name}: all {len(skipped)} were skipped (see log)")
+        for split, sink in sinks.items():  # shards left over from an earlier, larger run would be read as data
+            for stale in list_shards(out, split)[sink.shards:]:
+                stale.unlink()
+        kept = [i for i, _ in enumerate(source.class_names) if written[i]]
+        dropped = [name for i, name in enumerate(source.class_names) if not written[i]]
+        if dropped:  # an empty class would still take a label index (and a prior class embedding) for nothing
+            log(f"make_shards: dropping {len(dropped)} class(es) with no readable file: {', '.join(dropped)}")
+            _relabel(out, {old: new for new, old in enumerate(kept)})
     except BaseException as exc:  # Ctrl-C or a bug: no temp files, no manifest; rerun with --overwrite=true
         for sink in sinks.values():
             sink.close(error=exc)
         raise
-    for sink in sinks.values():
-        sink.close()
-    if not seen:
-        raise MediaError(f"no readable samples in {source.name}: all {len(skipped)} were skipped (see log)")
-    for split, sink in sinks.items():  # shards left over from an earlier, larger run would be read as data
-        for stale in list_shards(out, split)[sink.shards:]:
-            stale.unlink()
-    manifest = MediaManifest(source.name, spec, list(source.class_names),
+    manifest = MediaManifest(source.name, spec, [source.class_names[i] for i in kept],
                              counts={s: sinks[s].count for s in SPLITS}, shards={s: sinks[s].shards for s in SPLITS},
-                             split_seed=split_seed, val_fraction=val_fraction, skipped=skipped)
+                             split_seed=split_seed, val_fraction=val_fraction, shuffle_seed=shuffle_seed,
+                             skipped=sorted(skipped, key=lambda s: s["origin"]), dropped_classes=dropped)
     write_json_atomic(out / MANIFEST, manifest.to_dict())
     return manifest
+
+
+def _relabel(out: Path, new_label: dict[int, int]) -> None:
+    """Rewrite every shard's `.cls` through `new_label` (unlabelled -1 stays). Rare (a class lost all its
+    files), so the shards are rewritten rather than labels being guessed before decoding everything;
+    each tar is replaced atomically and keeps its samples, order and boundaries."""
+    for split in SPLITS:
+        for path in list_shards(out, split):
+            samples = list(iter_shard_samples(path))  # one shard: at most max_bytes of payload
+            with AtomicTar(path) as tar:
+                for key, fields in samples:
+                    label = int(fields["cls"])
+                    tar.add(key, fields | {"cls": str(new_label.get(label, label)).encode()})
 
 
 def iter_shard_samples(path: str | Path) -> Iterable[tuple[str, dict[str, bytes]]]:

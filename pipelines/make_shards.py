@@ -5,8 +5,9 @@
     python -m pipelines.make_shards --source=/data/imagenet/train --size=128 --out=runs/shards/inet
     python -m pipelines.make_shards --source=/data/wavs --modality=audio --sample_rate=24000
 
-Formats, split rule and resize policy: data/shards.py and data/media.py. Unreadable files are skipped,
-logged and listed in the manifest; the run fails only when nothing at all is readable.
+Formats, split rule, sample shuffle and resize policy: data/shards.py and data/media.py. Unreadable files
+are skipped, logged with the reason and listed in the manifest; a class folder with no readable file is
+dropped from the class names; the run fails only when nothing at all is readable.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class MakeShardsConfig:
     seed: int = 0  # photos: crop positions
     val_fraction: float = 0.1  # expected share of samples in the val split
     split_seed: int = 0  # changes which samples land in val
+    shuffle_seed: int = 0  # order samples are written in (shuffled so each shard mixes classes)
     shard_max_count: int = 1_000  # samples per shard at most
     shard_max_mb: int = 256  # payload MB per shard at most
     overwrite: bool = False  # replace an existing shard directory
@@ -53,10 +55,11 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> MediaManife
     out = Path(cfg.out or f"runs/shards/{name}")
     print(f"make_shards: {len(source.items)} {cfg.modality} items from {source.name} -> {out}")
     manifest = write_media_shards(source, out, spec, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                                  max_count=cfg.shard_max_count, max_bytes=cfg.shard_max_mb << 20,
-                                  overwrite=cfg.overwrite)
+                                  shuffle_seed=cfg.shuffle_seed, max_count=cfg.shard_max_count,
+                                  max_bytes=cfg.shard_max_mb << 20, overwrite=cfg.overwrite)
     print(f"make_shards: wrote {manifest.counts} samples in {manifest.shards} shards, "
-          f"{len(manifest.class_names)} classes, {len(manifest.skipped)} skipped -> {out / 'manifest.json'}")
+          f"{len(manifest.class_names)} classes ({len(manifest.dropped_classes)} dropped), "
+          f"{len(manifest.skipped)} skipped -> {out / 'manifest.json'}")
     return manifest
 
 

@@ -93,7 +93,7 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path):
     logged = []
     manifest = write_media_shards(folder(src), tmp_path / "out", MediaSpec(size=8), log=logged.append)
     assert sorted(s["origin"] for s in manifest.skipped) == ["cat/broken.png", "dog/truncated.jpg"]
-    assert sum(manifest.counts.values()) == 5 and len(logged) == 2 and "broken.png" in logged[0]
+    assert sum(manifest.counts.values()) == 5 and len(logged) == 2 and any("cat/broken.png" in m for m in logged)
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["num_skipped"] == 2 and not list((tmp_path / "out").glob("*.tmp"))
 
@@ -120,6 +120,46 @@ def test_skip_reasons_say_what_is_wrong_and_name_the_file(tmp_path):
         normalise(b"", MediaSpec(modality="audio"))
     with pytest.raises(MediaError, match="^not a readable audio file: Error opening the file: Format not recognised"):
         normalise(b"RIFF nope", MediaSpec(modality="audio"))
+
+
+def test_a_class_with_no_readable_file_is_dropped_and_labels_follow(tmp_path):
+    src = tmp_path / "src"
+    save_image(src / "ant" / "a.png")
+    save_image(src / "cat" / "c.png")
+    save_image(src / "cat" / "d.png")
+    (src / "bee").mkdir()
+    (src / "bee" / "empty.png").write_bytes(b"")
+    (src / "bee" / "junk.jpg").write_bytes(b"not an image")
+    logged = []
+    manifest = write_media_shards(folder(src), tmp_path / "out", MediaSpec(size=8), val_fraction=0.0,
+                                  log=logged.append)
+    assert manifest.class_names == ["ant", "cat"] and manifest.dropped_classes == ["bee"]
+    assert read_manifest(tmp_path / "out").dropped_classes == ["bee"]
+    assert "make_shards: dropping 1 class(es) with no readable file: bee" in logged
+    labels = {key: int(f["cls"]) for p in list_shards(tmp_path / "out", "train") for key, f in iter_shard_samples(p)}
+    assert labels == {"ant/a_png": 0, "cat/c_png": 1, "cat/d_png": 1}  # "cat" is class 1, not 2
+    batch = next(iter(media_loader(tmp_path / "out", "train", batch_size=3, train=False)))
+    assert sorted(batch.labels.tolist()) == [0, 1, 1]
+
+
+def test_folder_shards_mix_classes_and_are_byte_identical_for_a_seed(tmp_path):
+    src = tmp_path / "src"
+    for c in range(10):
+        for i in range(10):
+            save_image(src / f"class{c}" / f"{i}.png", size=(4, 4))
+
+    def shards(out: Path, seed: int) -> list[bytes]:
+        manifest = write_media_shards(folder(src), out, MediaSpec(size=4), val_fraction=0.0, max_count=10,
+                                      shuffle_seed=seed, log=quiet)
+        assert manifest.shuffle_seed == seed and json.loads((out / "manifest.json").read_text())["shuffle_seed"] == seed
+        return [p.read_bytes() for p in list_shards(out, "train")]
+
+    first = shards(tmp_path / "a", seed=0)
+    assert len(first) == 10
+    for path in list_shards(tmp_path / "a", "train"):  # written in path order, each shard would hold one class
+        assert len({key.split("/")[0] for key, _ in iter_shard_samples(path)}) >= 4
+    assert shards(tmp_path / "b", seed=0) == first  # the same seed: the same bytes
+    assert shards(tmp_path / "c", seed=1) != first
 
 
 def _pgm16(values: np.ndarray) -> bytes:  # 16-bit PGM: PIL opens it as mode "I"
