@@ -1,4 +1,6 @@
 """The SimVQ quantizer family: round trip, exact loss and gradients, bounded-memory search, codebook health."""
+import copy
+import io
 import math
 
 import pytest
@@ -6,15 +8,26 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
+from tokenizer import TokenizerConfig, build_tokenizer
 from tokenizer.quantizers import QUANTIZERS, CodebookUsage, build_quantizer, nearest_codes
-
+from tokenizer.quantizers.adapters import LibraryQuantizer
 
 # nearest-neighbour quantizers; the FSQ/LFQ adapters round instead (tests/test_quantizer_adapters.py)
-NEAREST = ["ema-vq", "simvq", "vq"]
+NEAREST = sorted(n for n, cls in QUANTIZERS.items() if not issubclass(cls, LibraryQuantizer))
+# K for registry entries that only accept some K (fsq: a product of the paper's levels; lfq: a power of two);
+# 64 = 6 LFQ bits and 1000 = 4 FSQ levels, so that at dim=8 both adapters project D -> codebook dims -> D.
+NUM_CODES = {"fsq": 1000, "lfq": 64}
+
+
+def build_any(name: str, dim: int = 8, num_codes: int = 1024):
+    """A registry quantizer at a K it accepts; skips the adapters when vector-quantize-pytorch is missing."""
+    if issubclass(QUANTIZERS[name], LibraryQuantizer):
+        pytest.importorskip("vector_quantize_pytorch")
+    return build_quantizer(name, dim=dim, num_codes=NUM_CODES.get(name, num_codes))
 
 
 def test_registry_holds_the_paper_quantizers_and_adapters():
-    assert set(NEAREST) | {"fsq", "lfq"} <= set(QUANTIZERS)
+    assert {"ema-vq", "simvq", "vq"} <= set(NEAREST) and {"fsq", "lfq"} <= set(QUANTIZERS) - set(NEAREST)
 
 
 @pytest.mark.parametrize("name", NEAREST)
@@ -148,10 +161,91 @@ def test_chunked_search_breaks_ties_like_one_argmin():
 
 def test_search_is_fp32_under_bf16_inputs():
     torch.manual_seed(0)
-    z, cb = torch.randn(64, 16), torch.randn(500, 16)
+    z, cb = torch.randn(2048, 8), torch.randn(1024, 8) * 8 ** -0.5
     ref = nearest_codes(z, cb)
-    assert torch.equal(nearest_codes(z, cb.bfloat16().float()), nearest_codes(z.float(), cb.bfloat16().float()))
-    assert nearest_codes(z.bfloat16(), cb).dtype == torch.long and ref.shape == (64,)
+    assert ref.dtype == torch.long and ref.shape == (2048,)
+    assert torch.equal(ref, ((z.double()[:, None] - cb.double()[None]) ** 2).sum(-1).argmin(1))
+    # negative control: distances in bf16 do pick other codes for these inputs, so the checks below can fail
+    bf16_distances = (cb.bfloat16() ** 2).sum(1) - 2 * z.bfloat16() @ cb.bfloat16().T
+    assert (bf16_distances.argmin(1) != ref).sum() > 10
+    with torch.autocast("cpu", torch.bfloat16):  # the caller's autocast does not reach the distance GEMM
+        assert torch.equal(nearest_codes(z, cb), ref)
+        assert torch.equal(nearest_codes(z, cb, chunk_elems=4096), ref)
+    # bf16 inputs are searched as their exact fp32 values, not with bf16 arithmetic
+    zb, cbb = z.bfloat16(), cb.bfloat16()
+    assert torch.equal(nearest_codes(zb, cbb), nearest_codes(zb.float(), cbb.float()))
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(nearest_codes(zb, cbb), nearest_codes(zb.float(), cbb.float()))
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_codes_do_not_depend_on_autocast(name):
+    """SimVQ's W(C) and the adapters' projections used to run in the caller's bf16: other codes than fp32 (0.7% at
+    K = 16,384), and the eval cache then served that bf16 codebook to later fp32 calls."""
+    torch.manual_seed(0)
+    q = build_any(name)
+    z = torch.randn(2, 8, 32, 32)  # N = 2,048 latents
+    train_fp32 = copy.deepcopy(q)(z)  # copies: a training forward moves EMA-VQ's codebook
+    with torch.autocast("cpu", torch.bfloat16):
+        train_bf16 = copy.deepcopy(q)(z)
+    assert torch.equal(train_bf16.codes, train_fp32.codes)
+    assert train_bf16.z_q.dtype == torch.float32  # z_q follows z's dtype, not autocast's
+    torch.testing.assert_close(train_bf16.z_q, train_fp32.z_q)
+    torch.testing.assert_close(train_bf16.loss, train_fp32.loss)
+
+    fresh = copy.deepcopy(q).eval()
+    q.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            eval_bf16 = q(z)
+            assert q.codebook.dtype == torch.float32
+        eval_fp32 = q(z)  # after an autocast call: nothing cached from it may differ
+        ref = fresh(z)
+        assert torch.equal(eval_bf16.codes, ref.codes) and torch.equal(eval_fp32.codes, ref.codes)
+        assert torch.equal(q.codebook, fresh.codebook)
+        torch.testing.assert_close(eval_fp32.z_q, ref.z_q, rtol=0, atol=0)
+        # z_q holds the fp32 codebook rows (up to the straight-through's fp32 rounding)
+        torch.testing.assert_close(eval_fp32.z_q, q.decode_codes(eval_fp32.codes), rtol=0, atol=1e-6)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert q.decode_codes(ref.codes).dtype == torch.float32
+        # a bf16 graph stays bf16 after the quantizer
+        assert q(z.bfloat16()).z_q.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_state_dict_survives_weights_only_load(name):
+    """nn.Module._version is the state_dict format number PyTorch writes into every state_dict's metadata; a method
+    of that name made torch.save pickle the whole module and torch.load(weights_only=True) refuse the file."""
+    torch.manual_seed(0)
+    q = build_any(name)
+    q(torch.randn(2, 8, 3, 3))  # a training step: EMA-VQ's buffers move
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    torch.manual_seed(1)
+    q2 = build_any(name)
+    q2.load_state_dict(loaded)
+    for k, v in q.state_dict().items():
+        assert torch.equal(q2.state_dict()[k], v), k
+    q.eval(), q2.eval()
+    with torch.no_grad():
+        z = torch.randn(2, 8, 5)
+        assert torch.equal(q2(z).codes, q(z).codes)
+
+
+def test_tokenizer_state_dict_survives_weights_only_load():
+    torch.manual_seed(0)
+    model = build_tokenizer(TokenizerConfig(size="tiny", num_codes=64))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(1)
+    other = build_tokenizer(TokenizerConfig(size="tiny", num_codes=64))
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(other.eval().encode(x), model.eval().encode(x))
 
 
 def test_usage_on_known_streams():

@@ -60,6 +60,8 @@ class LibraryQuantizer(Quantizer):
 
     forward and decode_codes are the library's own (not the nearest-neighbour search of `Quantizer`); `codebook` is
     indices_to_codes(arange(K)), O(K * D), recomputed while training, cached in eval until the projection changes.
+    The library runs in fp32 with autocast off: its own `force_quantization_f32` turns off only CUDA autocast and
+    only around the rounding, so its projections would otherwise run in the caller's bf16 and pick other codes.
     """
 
     inner: nn.Module
@@ -80,8 +82,9 @@ class LibraryQuantizer(Quantizer):
             raise ValueError(f"expected latents (B, {self.dim}, *grid), got {tuple(z.shape)}")
         b, d, *grid = z.shape
         x = z.reshape(b, d, -1).transpose(1, 2)  # (B, N, D), N = prod(grid) in raster order
-        q, idx, loss = self._run(x)
-        z_q = q.transpose(1, 2).reshape(z.shape)  # (B, D, *grid)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            q, idx, loss = self._run(x.float())  # fp32 codes and loss, whatever the caller's precision
+        z_q = q.transpose(1, 2).reshape(z.shape).to(z.dtype)  # (B, D, *grid), in z's dtype like the other quantizers
         return Quantized(z_q, idx.long().reshape(b, *grid), loss)
 
     def decode_codes(self, codes: Tensor) -> Tensor:
@@ -89,27 +92,32 @@ class LibraryQuantizer(Quantizer):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.num_codes):
             raise ValueError(f"codes must lie in [0, {self.num_codes}); got [{int(codes.min())}, {int(codes.max())}]")
         b, *grid = codes.shape
-        q = self.inner.indices_to_codes(codes.long().reshape(b, -1))  # (B, N, D)
+        with torch.autocast(device_type=codes.device.type, enabled=False):
+            q = self.inner.indices_to_codes(codes.long().reshape(b, -1))  # (B, N, D) fp32
         return q.transpose(1, 2).reshape(b, self.dim, *grid)
 
-    def _version(self) -> tuple:
+    def _weights_key(self) -> tuple:
+        """Identifies the current weights (in-place updates bump a tensor's _version). Not named `_version`: that is
+        nn.Module's state_dict version number, which every state_dict carries in its metadata."""
         return tuple((t._version, t.data_ptr(), t.dtype) for t in [*self.parameters(), *self.buffers()])
 
     @property
     def codebook(self) -> Tensor:
-        """(K, D) = indices_to_codes(arange(K)); recomputed while training, cached in eval while the weights hold."""
+        """(K, D) fp32 = indices_to_codes(arange(K)); recomputed while training, cached in eval while the weights
+        hold (it is computed with autocast off, so the cache does not depend on the caller's autocast state)."""
         if self.training or torch.is_grad_enabled():
             self._cache = None
             return self._all_codes()
-        version = self._version()
-        if self._cache is None or self._cache[0] != version:
-            self._cache = (version, self._all_codes())
+        key = self._weights_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._all_codes())
         return self._cache[1]
 
     def _all_codes(self) -> Tensor:
         device = next(iter([*self.parameters(), *self.buffers()])).device
         idx = torch.arange(self.num_codes, device=device)[None]  # (1, K)
-        return self.inner.indices_to_codes(idx)[0]  # (K, D)
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self.inner.indices_to_codes(idx)[0].float()  # (K, D)
 
 
 class FSQAdapter(LibraryQuantizer):

@@ -132,6 +132,7 @@ class Quantizer(nn.Module):
 
     @property
     def codebook(self) -> Tensor:
+        """The effective (K, D) codebook in fp32, whatever autocast is active around the call."""
         raise NotImplementedError
 
     def decode_codes(self, codes: Tensor) -> Tensor:
@@ -144,17 +145,22 @@ class Quantizer(nn.Module):
         return vq_loss(z, z_q, self.beta)
 
     def forward(self, z: Tensor) -> Quantized:
+        """Codes depend on z's values only, not on the caller's precision: `codebook` is fp32 (subclasses compute it
+        with autocast off) and the search runs in fp32. The loss and the straight-through (or rotation) output are
+        computed in fp32 from the fp32 codebook rows; z_q comes back in z's dtype, so a bf16 graph stays bf16."""
         if z.shape[1] != self.dim:
             raise ValueError(f"expected latents (B, {self.dim}, *grid), got {tuple(z.shape)}")
         flat = flatten_latents(z)  # (N, D)
-        codebook = self.codebook  # (K, D), differentiable where the codebook is learned
+        codebook = self.codebook  # (K, D) fp32, differentiable where the codebook is learned
         idx = nearest_codes(flat, codebook, self.chunk_elems)  # (N,)
-        q = F.embedding(idx, codebook).to(flat.dtype)  # (N, D); gradient flows back into the codebook rows used
+        q = F.embedding(idx, codebook)  # (N, D) fp32; gradient flows back into the codebook rows used
         self.update(flat, idx)
-        loss = self.loss(flat, q)
-        out = rotation_trick(flat, q) if self.rotation else straight_through(flat, q)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zf = flat.float()  # the cast is differentiable: the encoder still gets its gradient in its own dtype
+            loss = self.loss(zf, q)
+            out = rotation_trick(zf, q) if self.rotation else straight_through(zf, q)
         codes = idx.reshape(z.shape[0], *z.shape[2:])  # (B, *grid)
-        return Quantized(unflatten_latents(out, z), codes, loss)
+        return Quantized(unflatten_latents(out.to(z.dtype), z), codes, loss)
 
     def update(self, flat: Tensor, idx: Tensor) -> None:
         """Hook for non-gradient codebook updates (EMA); nothing by default."""

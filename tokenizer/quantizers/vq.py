@@ -17,4 +17,4 @@ class VQ(Quantizer):
 
     @property
     def codebook(self) -> Tensor:
-        return self.embedding
+        return self.embedding.float()  # a no-op for the fp32 parameter; fp32 even if the module was cast
