@@ -5,8 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data.shards import media_loader
 from pipelines import reconstruct, train_tokenizer
-from pipelines.checkpoint import latest_checkpoint, load_tokenizer
+from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_tokenizer
+from pipelines.config import from_dict
+from pipelines.trainer import EMA
+from tokenizer import TokenizerConfig, build_tokenizer
+from tokenizer.quantizers import build_quantizer
 
 TINY = ["--batch_size=16", "--model.size=tiny", "--model.num_codes=64", "--losses.disc_layers=2",
         '--losses.weights={"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}', "--loop.lr=1e-3"]
@@ -71,3 +76,66 @@ def test_two_processes_train_on_the_same_code_path(digits_shards, tmp_path):
     assert [r["step"] for r in logs if "recon/l1" in r] == [1, 2]  # the main process logs, once per step
     val = [r for r in logs if "val/samples" in r][-1]
     assert val["val/samples"] == json.loads((digits_shards / "manifest.json").read_text())["counts"]["val"]
+
+
+def test_ema_averages_changing_buffers_and_leaves_the_frozen_codebook_alone():
+    """EMA-VQ's codebook statistics are averaged like parameters and its embedding recomputed from them; SimVQ's
+    frozen codebook is neither averaged nor copied; integer counters are copied."""
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"ema_vq": build_quantizer("ema-vq", dim=4, num_codes=8, decay=0.5),
+                               "simvq": build_quantizer("simvq", dim=4, num_codes=8),
+                               "bn": torch.nn.BatchNorm1d(4)})
+    ema = EMA(net, decay=0.5)
+    expected = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    frozen = ema.module["simvq"].frozen_codebook
+    frozen_version = frozen._version
+    for n in range(1, 5):
+        z = torch.randn(2, 4, 16) + n
+        net["ema_vq"](z), net["bn"](z)
+        with torch.no_grad():
+            net["simvq"].proj.weight.add_(0.1)
+        ema.update(net)
+        d = min(0.5, (1 + n) / (10 + n))
+        for k, v in net.state_dict().items():
+            if v.is_floating_point() and k not in ("ema_vq.embedding", "simvq.frozen_codebook"):
+                expected[k] = torch.lerp(expected[k], v, 1 - d)
+            elif not v.is_floating_point():
+                expected[k] = v.clone()
+        q = net["ema_vq"]
+        size, avg = expected["ema_vq.cluster_size"], expected["ema_vq.embed_avg"]
+        smoothed = (size + q.eps) / (size.sum() + q.num_codes * q.eps) * size.sum()
+        expected["ema_vq.embedding"] = avg / smoothed[:, None]
+    got = ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, msg=k)
+    assert not torch.allclose(got["ema_vq.cluster_size"], net["ema_vq"].cluster_size)  # averaged, not copied
+    assert got["bn.num_batches_tracked"] == 4
+    # the frozen codebook was never written: same tensor, same version counter, same values as the raw model's
+    assert ema.module["simvq"].frozen_codebook is frozen and frozen._version == frozen_version
+    assert torch.equal(frozen, net["simvq"].frozen_codebook)
+
+
+def test_exported_ema_vq_reconstructs_at_least_as_well_as_raw(digits_shards, tmp_path):
+    """The exported (EMA) EMA-VQ tokenizer averages its codebook over the same steps as its encoder and decoder."""
+    run = tmp_path / "run"
+    train_tokenizer.main(["--batch_size=16", "--model.size=tiny", "--model.num_codes=64", "--model.quantizer=ema-vq",
+                          '--losses.weights={"recon/l1": 1.0, "vq/commit": 1.0}', "--loop.lr=1e-3",
+                          f"--data={digits_shards}", f"--out={run}", "--loop.steps=40", "--loop.log_every=40",
+                          "--loop.eval_every=1000", "--eval_batches=1"])
+    config, weights = load_checkpoint(latest_checkpoint(run), names=("model", "raw"))
+    models = {}
+    for name in ("model", "raw"):
+        models[name] = build_tokenizer(from_dict(TokenizerConfig, config["config"])).eval()
+        models[name].load_state_dict(weights[name])
+    q_ema, q_raw = models["model"].quantizer, models["raw"].quantizer
+    assert not torch.allclose(q_ema.cluster_size, q_raw.cluster_size)  # the raw, latest statistics are not exported
+    n = q_ema.cluster_size.sum()
+    smoothed = (q_ema.cluster_size + q_ema.eps) / (n + q_ema.num_codes * q_ema.eps) * n
+    torch.testing.assert_close(q_ema.embedding, q_ema.embed_avg / smoothed[:, None])
+    errors = {name: 0.0 for name in models}
+    with torch.no_grad():
+        for batch in media_loader(str(digits_shards), "val", 64, train=False):
+            for name, model in models.items():
+                errors[name] += float((model(batch.x).x_hat.clamp(-1, 1) - batch.x).abs().sum())
+    assert errors["model"] <= errors["raw"], errors
+

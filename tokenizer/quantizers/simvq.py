@@ -13,6 +13,10 @@ from .base import DEFAULT_CHUNK_ELEMS, Quantizer
 
 
 class SimVQ(Quantizer):
+    # For pipelines.trainer.EMA: C never changes after construction, so the weight average neither averages nor
+    # copies it (a K x D copy every step: 134 MB at K = 262,144).
+    ema_constant_buffers = ("frozen_codebook",)
+
     def __init__(self, dim: int, num_codes: int, beta: float = 0.25, bias: bool = True,
                  rotation_trick: bool = False, codebook_dim: int | None = None,
                  chunk_elems: int = DEFAULT_CHUNK_ELEMS):
