@@ -13,7 +13,8 @@ A stage supplies three things and keeps its own logic readable:
 
 Resume is exact: every step reseeds torch/python RNGs from (seed, step, rank), the data stream is a pure function of
 (seed, position) (`batches(start_micro_batch)`), and the checkpoint holds raw + EMA weights, optimiser and scheduler
-states and the step. So a resumed run draws the same numbers as an uninterrupted one.
+states, the fp16 loss scaler's state (when there is one) and the step. So a resumed run draws the same numbers as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -254,6 +255,8 @@ class Trainer:
         state = {"step": self.step, "ema_updates": self.ema.updates if self.ema else 0,
                  "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()}}
+        if self.accelerator.scaler is not None:  # fp16: the loss scale and its growth counter, for an exact resume
+            state["scaler"] = self.accelerator.scaler.state_dict()
         config = {"kind": self.kind, "config": self.model_config, "train_config": self.full_config,
                   "step": self.step}
         path = save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.step:09d}", config=config,
@@ -281,6 +284,12 @@ class Trainer:
             o.load_state_dict(state["optimizers"][n])
         for n, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][n])
+        scaler = self.accelerator.scaler
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        elif scaler is not None:
+            self.accelerator.print(f"{ckpt} holds no fp16 loss-scaler state (saved by an older version or a non-fp16 "
+                                   f"run): the loss scale starts again from its initial value")
         self.step = state["step"]
         self.accelerator.print(f"resumed from {ckpt} at step {self.step}")
         return True

@@ -139,3 +139,36 @@ def test_exported_ema_vq_reconstructs_at_least_as_well_as_raw(digits_shards, tmp
                 errors[name] += float((model(batch.x).x_hat.clamp(-1, 1) - batch.x).abs().sum())
     assert errors["model"] <= errors["raw"], errors
 
+
+def test_fp16_loss_scaler_state_survives_resume(tmp_path):
+    """fp16 needs CUDA, so the GradScaler accelerate would create is put where accelerate keeps it
+    (accelerator.scaler); save() and resume() must carry its scale and growth counter."""
+    from pipelines.trainer import LoopConfig, Trainer
+
+    def trainer_with_scaler(resume: bool):
+        torch.manual_seed(0)
+        trainer = Trainer(LoopConfig(steps=1, resume=resume, ema_decay=0), tmp_path, kind="test", model_config={},
+                          full_config={})
+        model = torch.nn.Linear(2, 2)
+        trainer.add("g", model, torch.optim.SGD(model.parameters(), lr=0.1))
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+        return trainer
+
+    trainer = trainer_with_scaler(resume=False)
+    scaler, w = trainer.accelerator.scaler, torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    for factor in (float("inf"), 1.0):  # an overflow halves the scale, then a good step counts towards growth
+        opt.zero_grad()
+        scaler.scale(w.sum() * factor).backward()
+        scaler.step(opt)
+        scaler.update()
+    saved = scaler.state_dict()
+    assert saved["scale"] == 512.0 and saved["_growth_tracker"] == 1
+    trainer.step = 1
+    trainer.save()
+
+    resumed = trainer_with_scaler(resume=True)
+    assert resumed.accelerator.scaler.state_dict()["scale"] == 1024.0  # a fresh scaler, before resume
+    assert resumed.resume()
+    assert resumed.accelerator.scaler.state_dict() == saved
+
