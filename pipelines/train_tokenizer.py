@@ -11,11 +11,14 @@ utilisation/perplexity over the steps since the last log line; evaluated on the 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from data.shards import media_loader, read_manifest, resume_position
 from pipelines.config import parse_config, to_dict
@@ -38,6 +41,27 @@ class TrainTokenizerConfig:
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=1e-4))
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Backpropagate through `module` without training it: the discriminator inside the generator's gan/g term.
+
+    Its weights stop requiring grad, so backward computes no gradient for them (it still flows through the module to
+    its input, x_hat): no wasted backward into D, and no gradient for DDP's hooks to all-reduce, which they did on
+    every generator micro-step, only for the result to be zeroed before D's own step. A DDP module also runs in
+    no_sync, so that DDP does not even prepare a gradient sync for this backward.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    no_sync = module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
+    with no_sync:
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, float]:
@@ -74,7 +98,9 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
         x_hats = []
         for i, batch in enumerate(micro):
             x = batch.x.to(device)
-            with trainer.accumulating("g", last=i == len(micro) - 1):
+            # D is in this graph (gan/g, weighted 0 before disc_start) but learns only in its own step below
+            d_frozen = contextlib.nullcontext() if crit.discriminator is None else frozen(crit.discriminator)
+            with trainer.accumulating("g", last=i == len(micro) - 1), d_frozen:
                 with trainer.autocast():
                     out = g(x)
                     losses = {**out.losses, **crit.generator_losses(x, out.x_hat)}
@@ -90,7 +116,6 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / len(micro)
         logs.update(trainer.optimizer_step("g"))
         if gan_on:
-            trainer.optimizers["d"].zero_grad(set_to_none=True)  # drop what the G step left on D
             for i, (batch, x_hat) in enumerate(zip(micro, x_hats)):
                 with trainer.accumulating("d", last=i == len(micro) - 1):
                     with trainer.autocast():

@@ -172,3 +172,56 @@ def test_fp16_loss_scaler_state_survives_resume(tmp_path):
     assert resumed.resume()
     assert resumed.accelerator.scaler.state_dict() == saved
 
+
+def test_generator_step_leaves_no_gradient_on_the_discriminator(digits_shards, tmp_path, monkeypatch):
+    """D is in the generator's graph (gan/g); its weights must get nothing from G's backward, which under DDP was
+    also all-reduced on every generator micro-step."""
+    from pipelines.trainer import Trainer
+    seen = []
+    original = Trainer.optimizer_step
+
+    def spy(self, name):
+        if name == "g":
+            seen.append([p.grad for p in self.unwrap("d").parameters()])
+        return original(self, name)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", spy)
+    train_tokenizer.main(TINY + [f"--data={digits_shards}", f"--out={tmp_path / 'run'}", "--loop.steps=2",
+                                 "--loop.grad_accum=2", "--batch_size=4", "--loop.log_every=1",
+                                 "--loop.eval_every=1000"])
+    assert len(seen) == 2 and all(g is None for grads in seen for g in grads)
+
+
+def test_frozen_discriminator_is_not_all_reduced_under_ddp(tmp_path):
+    """A one-process gloo group is enough for DDP's reducer: count its all-reduces with a comm hook."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        d = DDP(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LeakyReLU(), torch.nn.Conv2d(4, 1, 3)))
+        calls = []
+
+        def count(state, bucket):
+            calls.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        d.register_comm_hook(None, count)
+        x_hat = torch.randn(2, 3, 8, 8, requires_grad=True)
+        (-d(x_hat).mean()).backward()  # negative control: a plain generator-side backward through D is all-reduced
+        assert calls
+        calls.clear(), d.zero_grad(set_to_none=True)
+        x_hat.grad = None
+        for _ in range(2):  # two generator micro-steps
+            with train_tokenizer.frozen(d):
+                (-d(x_hat).mean()).backward()
+        assert calls == [] and all(p.grad is None for p in d.parameters())
+        assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0  # the generator still gets its gradient
+        assert all(p.requires_grad for p in d.parameters())
+        d(x_hat.detach()).mean().backward()  # the discriminator's own step: synced as usual
+        assert calls and all(p.grad is not None for p in d.parameters())
+    finally:
+        dist.destroy_process_group()
