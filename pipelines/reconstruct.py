@@ -2,8 +2,15 @@
 
     python -m pipelines.reconstruct --tokenizer=runs/digits/tokenizer --data=runs/digits/shards --out=runs/digits/recon
 
-Utilisation and perplexity are over the *whole* val split (one pass, every sample once), as the paper reports them.
-`reconstruction_metrics` is also the training loop's evaluation, so both report the same numbers the same way.
+`val/utilisation` and `val/perplexity` are over the *whole* val split (one pass, every sample once), always next to
+`val/tokens`, the number of tokens they were counted on. `reconstruction_metrics` is also the training loop's
+evaluation, so both report the same numbers the same way.
+
+A val split is often too small for utilisation: 177 digits x 16 tokens = 2,832 tokens can touch at most 69% of
+K = 4,096 codes, so "utilisation vs K" would measure the sample size. `codebook_usage` therefore encodes the
+*train* split too (encoder + quantizer only) and reports `usage/utilisation`, `usage/perplexity`, `usage/tokens`,
+`usage/num_codes`, `usage/max_utilisation` (= min(1, tokens / K), the ceiling the token count allows) and a note
+when K exceeds the token count (`--usage_split`, used by `reconstruct` and `evaluate`).
 """
 from __future__ import annotations
 
@@ -54,13 +61,42 @@ def reconstruction_metrics(model, loader, device, accelerator=None, max_batches:
         sums = accelerator.reduce(sums, "sum")
         usage.counts = accelerator.reduce(usage.counts, "sum")
     n = max(1.0, float(sums[3]))
-    metrics = {"val/recon_l1": float(sums[0]) / n, "val/samples": n, **usage.summary("val/")}
+    metrics = {"val/recon_l1": float(sums[0]) / n, "val/samples": n, **usage_metrics(usage, "val/")}
     if first is not None and first[0].dim() == 4:
         metrics["val/psnr"] = float(sums[1]) / n
         metrics["val/ssim"] = float(sums[2]) / n
         if grid_path is not None and (accelerator is None or accelerator.is_main_process):
             save_grid(first[0], first[1], grid_path)
     return metrics
+
+
+def usage_metrics(usage: CodebookUsage, prefix: str) -> dict[str, float]:
+    """Utilisation next to the token count it was measured on: with fewer tokens than codes it cannot reach 1."""
+    tokens = usage.total
+    return {f"{prefix}utilisation": usage.utilisation, f"{prefix}tokens": float(tokens),
+            f"{prefix}num_codes": float(usage.num_codes),
+            f"{prefix}max_utilisation": min(1.0, tokens / usage.num_codes),
+            f"{prefix}perplexity": usage.perplexity, f"{prefix}dead_codes": float(usage.dead)}
+
+
+def usage_note(metrics: dict[str, float], prefix: str) -> str | None:
+    """A warning when `<prefix>utilisation` was counted on fewer tokens than there are codes."""
+    tokens, k = metrics.get(f"{prefix}tokens"), metrics.get(f"{prefix}num_codes")
+    if tokens is None or k is None or tokens >= k:
+        return None
+    return (f"{prefix}utilisation was counted on {tokens:,.0f} tokens < K = {k:,.0f} codes: it cannot exceed "
+            f"{tokens / k:.1%}, whatever the tokenizer")
+
+
+@torch.no_grad()
+def codebook_usage(model, loader, device, prefix: str = "usage/") -> dict[str, float]:
+    """Codebook usage over every sample of `loader` (MediaBatch), encoder and quantizer only: a pass over the train
+    split costs a fraction of a reconstruction pass and counts many more tokens than the val split holds."""
+    model.eval()
+    usage = CodebookUsage(model.quantizer.num_codes, device=device)
+    for batch in loader:
+        usage.update(model.encode(batch.x.to(device)))
+    return usage_metrics(usage, prefix)
 
 
 def save_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path) -> None:
@@ -82,6 +118,7 @@ class ReconstructConfig:
     data: str = "runs/digits/shards"  # media shard directory
     out: str = "runs/digits/recon"  # where recon.png and metrics.json go
     split: str = "val"  # which split to reconstruct
+    usage_split: str = "train"  # split encoded for usage/* (codebook utilisation on many tokens); "" = skip
     batch_size: int = 64  # images per forward
     device: str = "auto"  # auto | cpu | cuda
 
@@ -94,10 +131,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out = Path(cfg.out)
     metrics = reconstruction_metrics(model, loader, device, grid_path=out / "recon.png")
     metrics = {k.replace("val/", f"{cfg.split}/"): v for k, v in metrics.items()}
-    record = {"metrics": metrics, "tokenizer": str(ckpt), "settings": to_dict(cfg)}
+    if cfg.usage_split:
+        metrics.update(codebook_usage(model, media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False),
+                                      device))
+    notes = [n for n in (usage_note(metrics, f"{cfg.split}/"), usage_note(metrics, "usage/")) if n]
+    record = {"metrics": metrics, "notes": notes, "tokenizer": str(ckpt), "settings": to_dict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
     print(json.dumps(metrics, indent=2))
+    for n in notes:
+        print(f"[reconstruct] {n}")
     return metrics
 
 
