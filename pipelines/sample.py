@@ -108,6 +108,7 @@ def sample_codes(prior: Prior, labels: torch.Tensor | None, settings: SampleSett
                  grid: Sequence[int], num_codes: int) -> torch.Tensor:
     """Codes (B, *grid) int64 for B = len(seeds), checked to lie in the tokenizer's [0, num_codes)."""
     device = next(prior.parameters()).device
+    # bf16 for the transformer trunk; Prior.step and sampling keep the logits, CFG and filters in fp32 themselves
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
         codes = sample(prior, None if labels is None else labels.to(device), math.prod(grid), settings, seeds)
@@ -122,8 +123,8 @@ def generate(prior: Prior, tokenizer: torch.nn.Module, labels: torch.Tensor | No
              seeds: Sequence[int], grid: Sequence[int], batch_size: int = 0, decode_batch: int = 64) -> torch.Tensor:
     """Sample len(seeds) images -> uint8 (N, 3, H, W) on the CPU; `labels` (N,) or None (null class).
 
-    The prior runs `batch_size` samples at a time (0 = all) under bf16 autocast on CUDA; its codes depend only on
-    (seed, label). The decoder (fp32) runs fixed groups of `decode_batch` counted from the first sample, because
+    The prior runs `batch_size` samples at a time (0 = all) under bf16 autocast on CUDA (its output head, CFG and
+    filters in fp32: prior/sampling.py); its codes depend only on (seed, label). The decoder (fp32) runs fixed groups of `decode_batch` counted from the first sample, because
     conv kernels round differently for different batch shapes (~3e-6 on CPU, enough to flip a uint8 now and then):
     so the pixels of sample i depend on batch_size not at all, and on where this call starts only through
     decode_batch.

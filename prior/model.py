@@ -94,7 +94,7 @@ class KVCache:
 
 
 class PriorStep(NamedTuple):
-    logits: Tensor  # (B, n, K) logits over code ids for the n input positions
+    logits: Tensor  # (B, n, K) fp32 logits over code ids for the n input positions (the head runs in fp32)
     cache: KVCache | None  # key/value cache covering every token seen so far (None when decoding without one)
 
 
@@ -161,15 +161,27 @@ class Prior(nn.Module):
         return ids[:, None]  # (B, 1)
 
     def step(self, tokens: Tensor, cache: KVCache | None = None) -> PriorStep:
-        """Run the decoder on vocabulary ids (prefix included) and return code logits.
+        """Run the decoder on vocabulary ids (prefix included) and return fp32 code logits (the decode path).
 
         Without a cache, tokens (B, n) is the whole sequence so far and x-transformers' own forward runs it.
         With a cache (start from `KVCache()`), tokens (B, m) holds only the m ids that follow the cached ones;
-        the cache is filled in place and returned. Both paths use the same weights and must agree.
+        the cache is filled in place and returned. Both paths use the same weights and must agree. The trunk runs
+        in whatever autocast the caller set; the output head does not (see `head_fp32`).
         """
         if cache is None:
-            return PriorStep(self.net(tokens), None)
+            return PriorStep(self.head_fp32(self.net(tokens, return_embeddings=True)), None)
         return PriorStep(self._cached_forward(tokens, cache), cache)
+
+    def head_fp32(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden states (B, n, dim) -> code logits (B, n, K) in fp32, autocast off.
+
+        Sampling divides logits by a temperature and amplifies cond - uncond by the CFG scale; bf16 logits (8 mantissa
+        bits: steps of 0.06 at a logit of 10) would carry that rounding into the sampled distribution.
+        """
+        head = self.net.to_logits
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return F.linear(hidden.float(), head.weight.float(), bias)
 
     def _cached_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """The decoder's forward for `tokens` at positions [cache.length, cache.length + m), reading and
@@ -208,7 +220,7 @@ class Prior(nn.Module):
             x = residual(block.to_out(out), x)
             attn_index += 1
         cache.length = end
-        return self.net.to_logits(layers.final_norm(x))  # (B, m, K)
+        return self.head_fp32(layers.final_norm(x))  # (B, m, K)
 
     def _check_cached_layout(self) -> None:
         layers = self.net.attn_layers
@@ -222,11 +234,16 @@ class Prior(nn.Module):
                 )
         if layers.rotary_pos_emb is None:
             raise NotImplementedError("the kv-cache decoder needs rotary positions (rotary_pos_emb=True)")
+        if not isinstance(self.net.to_logits, nn.Linear):
+            raise NotImplementedError(f"head_fp32 needs the output head to be one nn.Linear, got "
+                                      f"{type(self.net.to_logits).__name__}: update Prior.head_fp32")
 
     def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
         """Teacher forcing: codes (B, L) int in [0, K), labels (B,) or None -> logits (B, L, K).
 
-        logits[:, i] is the prediction for codes[:, i] given the prefix and codes[:, :i].
+        logits[:, i] is the prediction for codes[:, i] given the prefix and codes[:, :i]. This is the training path:
+        the head runs in the caller's autocast (bf16 on GPU, for speed; `loss` takes the cross-entropy in fp32),
+        unlike `step`, whose logits are sampled from.
         """
         B, L = codes.shape  # batch, code positions
         if L > self.cfg.seq_len:

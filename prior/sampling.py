@@ -7,6 +7,10 @@ Everything here is a pure function of (prior, labels, settings, seeds). A step o
 Randomness: each sample owns a torch.Generator seeded by its own seed, which draws that sample's L
 uniforms up front; a code is drawn by inverting the CDF of its filtered distribution at that uniform.
 So sample b's codes depend only on (seed_b, label_b), never on its batch-mates or on the batch size.
+
+Precision: the caller may run the prior under bf16 autocast (pipelines/sample.py does on CUDA); the logits still
+come out of an fp32 head (`Prior.step`), and guidance, filters and the draw run in fp32 with autocast off, since CFG
+amplifies any rounding in cond - uncond by the guidance scale.
 """
 
 from __future__ import annotations
@@ -192,11 +196,12 @@ def decode(
             logits = prior.step(new, cache).logits
         else:
             logits = prior.step(tokens).logits
-        logits = logits[:, -1].float()  # (B or 2B, K): the prediction for code i
-        if guided:
-            cond, uncond = logits.chunk(2, dim=0)  # (B, K) each
-            logits = guide(cond, uncond, cfg_scale_at(settings, i, num_tokens))
-        code = choose(logits, settings, uniforms[:, i])  # (B,)
+        logits = logits[:, -1].float()  # (B or 2B, K) fp32: the prediction for code i
+        with torch.autocast(device_type=device.type, enabled=False):  # guidance and filters in fp32
+            if guided:
+                cond, uncond = logits.chunk(2, dim=0)  # (B, K) each
+                logits = guide(cond, uncond, cfg_scale_at(settings, i, num_tokens))
+            code = choose(logits, settings, uniforms[:, i])  # (B,)
         codes.append(code)
         if keep_logits:
             step_logits.append(logits)

@@ -129,3 +129,27 @@ def test_fifty_steps_lower_the_loss():
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, f"loss went {first:.3f} -> {last:.3f}"
     assert sum(accs[-5:]) / 5 > sum(accs[:5]) / 5 + 0.2
+
+
+def test_decode_logits_are_fp32_under_bf16_autocast():
+    """Sampling reads Prior.step's logits: under bf16 autocast the trunk may run in bf16, but the head must not."""
+    import torch.nn.functional as F
+
+    prior = tiny().eval()
+    codes, labels = structured_codes(2, torch.Generator().manual_seed(1))
+    tokens = torch.cat([prior.prefix(labels, 2), codes[:, :-1]], dim=1)  # (2, L)
+    weight = prior.net.to_logits.weight
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        hidden = prior.net(tokens, return_embeddings=True)  # (2, L, dim) final-normed, from the bf16 trunk
+        uncached = prior.step(tokens).logits
+        cache = KVCache()
+        cached = torch.cat([prior.step(chunk, cache).logits for chunk in tokens.split([1, L - 1], dim=1)], dim=1)
+    assert uncached.dtype == cached.dtype == torch.float32
+    with torch.no_grad():
+        fp32_head = F.linear(hidden.float(), weight)  # outside autocast: a true fp32 matmul
+        bf16_head = F.linear(hidden.bfloat16(), weight.bfloat16()).float()
+    torch.testing.assert_close(uncached, fp32_head, rtol=1e-6, atol=1e-6)
+    # negative control: a bf16 head is off by far more than that tolerance
+    assert (bf16_head - fp32_head).abs().max() > 1e-3
+    # the cached path uses the same fp32 head (its bf16 trunk rounds differently, hence the looser tolerance)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0.1)
