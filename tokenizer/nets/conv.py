@@ -1,4 +1,4 @@
-"""Convolutional encoder and decoder of the tokenizer (Open-MAGVIT2 style, no attention).
+"""The `conv` architecture: convolutional encoder and decoder (Open-MAGVIT2 style, no attention).
 
 SimVQ (arXiv 2411.02038, §3 of docs/SIMVQ_SPEC.md) uses the Open-MAGVIT2 "B" network:
 ResBlocks of GroupNorm -> swish -> conv3x3, a stride-2 conv per downsampling level, and a
@@ -7,6 +7,8 @@ and audio (dims=1): only the conv / pixel-shuffle flavour changes, never the cod
 
 Sizes are names in `NET_SIZES`; the downsampling factor is f = 2 ** (len(ch_mult) - 1)
 per spatial axis, so an input of shape (B, C, *S) becomes a latent grid (B, z_channels, *S/f).
+Registered as `tokenizer.nets.ARCHS["conv"]` through `build_nets`. Module names and the order in
+which parameters are created are load-bearing: checkpoint keys and same-seed weights depend on them.
 """
 
 from dataclasses import dataclass
@@ -174,3 +176,8 @@ class Decoder(nn.Module):
         for level in self.levels:
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_nets(cfg: NetConfig, dims: int, in_channels: int) -> tuple[Encoder, Decoder]:
+    """(encoder, decoder) of one size; the encoder is created first (the seeded weights depend on the order)."""
+    return Encoder(cfg, in_channels=in_channels, dims=dims), Decoder(cfg, out_channels=in_channels, dims=dims)
