@@ -40,7 +40,7 @@ def tokenizer_case(args, device: str, autocast):
     crit = TokenizerLosses(LossConfig(weights={"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0},
                                       disc_layers=3 if args.image >= 24 else 2)).to(device)
     g_opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    d_opt = torch.optim.Adam(crit.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    d_opt = torch.optim.Adam(crit.discriminators.parameters(), lr=1e-4, betas=(0.5, 0.9))
     x = torch.rand(args.batch, 3, args.image, args.image, device=device) * 2 - 1
 
     def step():

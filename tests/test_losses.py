@@ -1,4 +1,5 @@
-"""Named tokenizer losses: hand-computed GAN losses, LPIPS with a stand-in and with the VGG16 file layout, PatchGAN."""
+"""Named tokenizer losses: hand-computed GAN losses, LPIPS with a stand-in and with the VGG16 file layout (from state
+dicts, from files through pipelines.lpips_weights), PatchGAN, the dict of discriminators, same seed -> same losses."""
 
 import math
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from tokenizer.losses import (LPIPS, LossConfig, PatchDiscriminator, TokenizerLosses,
-                              build_lpips, hinge_d_loss, non_saturating_g_loss, recon_l1, recon_l2, weighted_sum)
+from pipelines.lpips_weights import build_lpips, lpips_for_losses
+from tokenizer.losses import (DISCRIMINATORS, LPIPS, LossConfig, PatchDiscriminator, TokenizerLosses,
+                              feature_matching_loss, hinge_d_loss, lpips_from_state_dicts, non_saturating_g_loss,
+                              recon_l1, recon_l2, weighted_sum)
 
 
 class TinyBackbone(nn.Module):
@@ -93,7 +96,10 @@ def test_missing_lpips_weights_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"`vgg16_path`=.*does not exist"):
         build_lpips(str(tmp_path / "nope.pth"), "")
     with pytest.raises(FileNotFoundError, match="vgg16_path"):
-        TokenizerLosses(LossConfig())  # the default recipe wants LPIPS, and no path is set
+        lpips_for_losses(LossConfig())  # the default recipe wants LPIPS, and no path is set
+    assert lpips_for_losses(LossConfig(weights={"recon/l1": 1.0}, vgg16_path="/nope")) is None  # no file read
+    with pytest.raises(ValueError, match=r"no LPIPS module was passed.*lpips_weights\.build_lpips"):
+        TokenizerLosses(LossConfig())  # the tokenizer package never opens the files itself
 
 
 @pytest.mark.parametrize("dims, shape, expected", [(2, (2, 3, 32, 32), (2, 1, 2, 2)), (1, (2, 1, 64), (2, 1, 6))])
@@ -121,16 +127,125 @@ def test_tokenizer_losses_generator_and_discriminator_steps():
     assert x_hat.grad.abs().sum() > 0
     d = crit.discriminator_losses(x, x_hat)
     assert {"gan/d", "gan/logits_real", "gan/logits_fake"} <= set(d)
-    crit.discriminator.zero_grad()
+    assert list(crit.discriminators) == ["patch"] and isinstance(crit.discriminators["patch"], PatchDiscriminator)
+    crit.discriminators.zero_grad()
     d["gan/d"].backward()
-    assert all(p.grad is not None for p in crit.discriminator.parameters())
+    assert all(p.grad is not None for p in crit.discriminators.parameters())
 
 
 def test_zero_weights_skip_networks_and_unknown_names_fail():
     crit = TokenizerLosses(LossConfig(weights={"recon/l1": 1.0, "vq/commit": 1.0}), in_channels=1, dims=1)
-    assert crit.lpips is None and crit.discriminator is None
+    assert crit.lpips is None and len(crit.discriminators) == 0 and crit.discriminator is None
     assert set(crit.generator_losses(torch.zeros(1, 1, 8), torch.ones(1, 1, 8))) == {"recon/l1", "recon/l2"}
     with pytest.raises(KeyError, match="recon/L1"):
         TokenizerLosses(LossConfig(weights={"recon/L1": 1.0}))
     with pytest.raises(ValueError, match="needs RGB images"):
         TokenizerLosses(LossConfig(weights={"perceptual/lpips": 1.0}), in_channels=1, dims=1, lpips=_stand_in_lpips())
+
+
+def test_lpips_from_state_dicts_equals_the_file_path_and_today_s_values(lpips_files):
+    """tokenizer.losses builds LPIPS from tensors; pipelines.lpips_weights reads the files. Both give the distances the
+    file-reading tokenizer.losses.build_lpips gave at 024447c on the same (fixture) weights."""
+    vgg_path, lin_path = lpips_files
+    from_files = build_lpips(str(vgg_path), str(lin_path))
+    from_tensors = lpips_from_state_dicts(torch.load(vgg_path, weights_only=True),
+                                          torch.load(lin_path, weights_only=True))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        d = from_tensors(x, y)
+        assert torch.equal(d, from_files(x, y))
+    assert d.tolist() == pytest.approx([0.6532460451126099, 0.6775585412979126], rel=1e-5)
+
+
+def test_same_seed_gives_today_s_discriminator_and_losses():
+    """Values recorded from tokenizer/losses.py at 024447c (one PatchGAN in `crit.discriminator`): the dict of
+    discriminators creates the same weights from the same seed and computes the same named losses."""
+    crit = TokenizerLosses(LossConfig(disc_channels=8, disc_layers=2), lpips=_stand_in_lpips())  # seeds 0 first
+    d_keys = ["net.0.weight", "net.0.bias", "net.2.weight", "net.3.weight", "net.3.bias", "net.3.running_mean",
+              "net.3.running_var", "net.3.num_batches_tracked", "net.5.weight", "net.6.weight", "net.6.bias",
+              "net.6.running_mean", "net.6.running_var", "net.6.num_batches_tracked", "net.8.weight", "net.8.bias"]
+    assert list(crit.discriminators["patch"].state_dict()) == d_keys  # the "d" weights of today's checkpoints
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    x_hat = x + 0.1 * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        got = {**crit.generator_losses(x, x_hat), **crit.discriminator_losses(x, x_hat)}
+    expected = {"recon/l1": 0.07997582852840424, "recon/l2": 0.009990676306188107,
+                "perceptual/lpips": 0.015443999320268631, "gan/g": 0.6626029014587402, "gan/d": 1.0123106241226196,
+                "gan/logits_real": 0.039337627589702606, "gan/logits_fake": 0.06395889818668365}
+    assert {k: float(v) for k, v in got.items()} == pytest.approx(expected, rel=1e-5)
+
+    torch.manual_seed(0)  # 1-D, as the audio preset trains
+    weights = {"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}
+    crit = TokenizerLosses(LossConfig(weights=weights, disc_channels=8, disc_layers=2), in_channels=1, dims=1)
+    a = torch.rand(2, 1, 64, generator=g) * 2 - 1
+    b = a + 0.1 * torch.randn(a.shape, generator=g)
+    with torch.no_grad():
+        got = {**crit.generator_losses(a, b), **crit.discriminator_losses(a, b)}
+    expected = {"recon/l1": 0.08001188933849335, "recon/l2": 0.00956856831908226, "gan/g": 0.7544991970062256,
+                "gan/d": 0.9998105764389038, "gan/logits_real": -0.11870020627975464,
+                "gan/logits_fake": -0.11907894164323807}
+    assert {k: float(v) for k, v in got.items()} == pytest.approx(expected, rel=1e-5)
+
+
+class TwoScales(nn.Module):
+    """A multi-output discriminator (as MPD/MRD): a list of logits, one per sub-discriminator."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.full = nn.Conv2d(in_channels, 1, 3, padding=1)
+        self.coarse = nn.Conv2d(in_channels, 1, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return [self.full(x), self.coarse(x)]
+
+
+def test_discriminators_are_a_dict_of_kinds_and_their_losses_add_up(monkeypatch):
+    monkeypatch.setitem(DISCRIMINATORS, "two-scales", lambda cfg, in_channels, dims: TwoScales(in_channels))
+    weights = {"recon/l1": 1.0, "gan/g": 0.1}
+    cfg = LossConfig(weights=weights, discriminators=("patch", "two-scales"), disc_channels=8, disc_layers=2)
+    torch.manual_seed(0)
+    crit = TokenizerLosses(cfg)
+    assert list(crit.discriminators) == ["patch", "two-scales"]
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x_hat = x + 0.1 * torch.randn_like(x)
+    patch, two = crit.discriminators["patch"], crit.discriminators["two-scales"]
+    with torch.no_grad():
+        g = crit.generator_losses(x, x_hat)["gan/g"]
+        parts = [non_saturating_g_loss(patch(x_hat))] + [non_saturating_g_loss(l) for l in two(x_hat)]
+        torch.testing.assert_close(g, sum(parts))
+        patch.eval()  # BatchNorm in eval: the D loss recomputed by hand sees the same statistics
+        d = crit.discriminator_losses(x, x_hat)["gan/d"]
+        parts = [hinge_d_loss(patch(x), patch(x_hat))] + [hinge_d_loss(r, f) for r, f in zip(two(x), two(x_hat))]
+        torch.testing.assert_close(d, sum(parts))
+    with pytest.raises(RuntimeError, match="use `discriminators`"):
+        crit.discriminator
+    with pytest.raises(KeyError, match=r"unknown discriminator 'mpd'.*\['patch', 'two-scales'\]"):
+        TokenizerLosses(LossConfig(weights=weights, discriminators=("mpd",)))
+    with pytest.raises(ValueError, match="`discriminators` setting is empty"):
+        TokenizerLosses(LossConfig(weights=weights, discriminators=()))
+
+
+def test_single_discriminator_attribute_still_works_for_the_training_loop():
+    """pipelines/train_tokenizer.py reads `crit.discriminator` and assigns the accelerate-wrapped module back."""
+    crit = TokenizerLosses(LossConfig(weights={"gan/g": 0.1}, disc_channels=8, disc_layers=2))
+    patch = crit.discriminators["patch"]
+    assert crit.discriminator is patch
+    wrapped = nn.Sequential(patch)  # stands in for accelerate's wrapper
+    crit.discriminator = wrapped
+    assert crit.discriminators["patch"] is wrapped and crit.discriminator is wrapped
+    assert "discriminator" not in crit._modules  # replaced in the dict, not registered a second time
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert set(crit.discriminator_losses(x, x)) == {"gan/d", "gan/logits_real", "gan/logits_fake"}
+
+
+def test_feature_matching_by_hand():
+    real = [torch.zeros(2, 3), torch.ones(1, 4)]
+    fake = [torch.full((2, 3), 2.0, requires_grad=True), torch.zeros(1, 4, requires_grad=True)]
+    loss = feature_matching_loss(real, fake)
+    assert loss.item() == pytest.approx((2.0 + 1.0) / 2)
+    loss.backward()
+    assert all(f.grad is not None for f in fake)
+    with pytest.raises(ValueError, match="same non-zero number"):
+        feature_matching_loss(real, fake[:1])
