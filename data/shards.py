@@ -37,6 +37,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data.builtin import Source
+from data.errors import UserError
 from data.media import MODALITIES, MediaError, MediaSpec, decode, normalise
 
 MEDIA_FORMAT = "simvq-media-shards"
@@ -46,7 +47,7 @@ SPLITS = ("train", "val")
 MAKE_SHARDS_HINT = "run `python -m pipelines.make_shards --source=digits|photos|/path/to/folder --out=DIR` first"
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """A shard directory whose manifest is missing, of another format/version, or incompatible."""
 
 

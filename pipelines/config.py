@@ -25,10 +25,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from data.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value that does not fit the dataclass."""
 
 
