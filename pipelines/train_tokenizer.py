@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.shards import media_loader, read_manifest, resume_position
 from pipelines.config import parse_config, to_dict
+from pipelines.lpips_weights import lpips_for_losses
 from pipelines.reconstruct import reconstruction_metrics
 from pipelines.trainer import LoopConfig, Trainer
 from tokenizer import LossConfig, TokenizerConfig, TokenizerLosses, build_tokenizer, weighted_sum
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
 
     torch.manual_seed(cfg.loop.seed)  # the same initial weights (and frozen codebook) on every process
     model = build_tokenizer(cfg.model)
-    crit = TokenizerLosses(cfg.losses, in_channels=cfg.model.in_channels, dims=cfg.model.dims).to(device)
+    crit = TokenizerLosses(cfg.losses, in_channels=cfg.model.in_channels, dims=cfg.model.dims,
+                           lpips=lpips_for_losses(cfg.losses)).to(device)
     g = trainer.add("g", model, torch.optim.Adam(model.parameters(), lr=cfg.loop.lr, betas=cfg.betas), ema=True)
     if crit.discriminator is not None:
         d_model = crit.discriminator

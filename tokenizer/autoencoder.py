@@ -14,13 +14,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .nets import Decoder, Encoder, get_net_config
+from .nets import get_arch
 from .quantizers import build_quantizer
 
 
 @dataclass
 class TokenizerConfig:
-    size: str = "tiny"            # key of tokenizer.nets.NET_SIZES ("tiny", "s", "b", "audio-s")
+    arch: str = "conv"            # encoder/decoder family, a key of tokenizer.nets.ARCHS
+    size: str = "tiny"            # a size of that arch (conv: "tiny", "s", "b", "audio-s")
     dims: int = 2                 # 2 = images (B, C, H, W); 1 = audio (B, C, T)
     in_channels: int = 3          # 3 for RGB, 1 for mono audio / grayscale
     quantizer: str = "simvq"      # name in tokenizer.quantizers.QUANTIZERS
@@ -68,11 +69,9 @@ class VQAutoencoder(nn.Module):
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> VQAutoencoder:
-    net = get_net_config(cfg.size)
-    quantizer = build_quantizer(cfg.quantizer, dim=net.z_channels, num_codes=cfg.num_codes, **cfg.quantizer_kwargs)
-    return VQAutoencoder(
-        Encoder(net, in_channels=cfg.in_channels, dims=cfg.dims),
-        quantizer,
-        Decoder(net, out_channels=cfg.in_channels, dims=cfg.dims),
-        downsample_factor=net.downsample_factor,
-    )
+    arch = get_arch(cfg.arch)
+    dim = arch.latent_channels(cfg.size)  # checks the size before anything is built
+    # The quantizer is built before the nets: the seeded initial weights depend on this order.
+    quantizer = build_quantizer(cfg.quantizer, dim=dim, num_codes=cfg.num_codes, **cfg.quantizer_kwargs)
+    encoder, decoder = arch.build(cfg.size, dims=cfg.dims, in_channels=cfg.in_channels)
+    return VQAutoencoder(encoder, quantizer, decoder, downsample_factor=arch.downsample_factor(cfg.size))
