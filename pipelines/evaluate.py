@@ -37,13 +37,13 @@ import torch
 from PIL import Image
 
 from data.shards import MANIFEST, MediaBatch, media_loader, read_manifest, sha256_file, write_text_atomic
-from pipelines import weights
 from pipelines.checkpoint import load_tokenizer
 from pipelines.config import parse_config, to_dict
-from pipelines.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
+from pipelines.metrics import inception_weights as weights
+from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
                                   train_domain_classifier)
-from pipelines.fid import Extractor, FidelityConfig, compute_fidelity, inception_extractor, to_uint8
-from pipelines.reconstruct import codebook_usage, reconstruction_metrics, usage_note
+from pipelines.metrics.fid import Extractor, FidelityConfig, compute_fidelity, inception_extractor, to_uint8
+from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
 
 
 @dataclass

@@ -10,9 +10,10 @@ from PIL import Image
 from data.builtin import open_source
 from data.media import MediaSpec
 from data.shards import sha256_file, write_media_shards
-from pipelines import compare, demo, evaluate, reconstruct, weights
-from pipelines.extractors import ClassifierConfig, classifier_extractor, load_classifier
-from pipelines.fid import FidelityConfig
+from pipelines import compare, demo, evaluate, reconstruct
+from pipelines.metrics import inception_weights as weights
+from pipelines.metrics.extractors import ClassifierConfig, classifier_extractor, load_classifier
+from pipelines.metrics.fid import FidelityConfig
 
 
 @pytest.fixture(scope="module")

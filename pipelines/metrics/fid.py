@@ -38,7 +38,8 @@ import scipy.linalg
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.weights import DEFAULT_INCEPTION_PATH, sha256_file
+from data.shards import sha256_file
+from pipelines.metrics.inception_weights import DEFAULT_INCEPTION_PATH
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-2015 FID Inception
 CACHE_VERSION = 1
@@ -98,13 +99,13 @@ def inception_extractor(weights_path: str | Path = DEFAULT_INCEPTION_PATH) -> Ex
 
 def registered_extractor(name: str, weights_path: str | Path, weights_hash: str, protocol: str,
                          tag: str | None = None) -> Extractor:
-    """Any extractor registered with torch_fidelity.register_feature_extractor (see pipelines/extractors.py)."""
+    """Any extractor registered with torch_fidelity.register_feature_extractor (see pipelines/metrics/extractors.py)."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise KeyError(f"feature extractor {name!r} is not registered with torch-fidelity (registered: "
                        f"{sorted(FEATURE_EXTRACTORS_REGISTRY)}); register it first, e.g. "
-                       f"pipelines.extractors.classifier_extractor(checkpoint_dir).")
+                       f"pipelines.metrics.extractors.classifier_extractor(checkpoint_dir).")
     return Extractor(name, tag or metric_tag(name), str(weights_path), weights_hash, protocol)
 
 
@@ -125,7 +126,7 @@ def as_uint8_images(images: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tens
     for p in parts:
         if p.dtype != torch.uint8 or p.dim() != 4 or p.shape[1] != 3:
             raise ValueError(f"fid: expected uint8 RGB images (N, 3, H, W), got {p.dtype} {tuple(p.shape)}; "
-                             f"convert model output in [-1, 1] with pipelines.fid.to_uint8")
+                             f"convert model output in [-1, 1] with pipelines.metrics.fid.to_uint8")
     return torch.cat([p.cpu() for p in parts])
 
 
