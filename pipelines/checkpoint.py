@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.shards import sha256_file
+from data.files import sha256_file
 
 CHECKPOINT_VERSION = 1
 
@@ -124,11 +124,12 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
     """(VQAutoencoder in eval mode with the exported (EMA) weights, checkpoint dir) — rebuilt from config.json."""
     from pipelines.config import from_dict
     from tokenizer import TokenizerConfig, build_tokenizer
+    from tokenizer.autoencoder import upgrade_tokenizer_config
     ckpt = resolve_checkpoint(path, hint="train one with `python -m pipelines.train_tokenizer`")
     config, weights = load_checkpoint(ckpt)
     if config.get("kind") != "tokenizer":
         raise ValueError(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a tokenizer")
-    model = build_tokenizer(from_dict(TokenizerConfig, config["config"]))
+    model = build_tokenizer(from_dict(TokenizerConfig, upgrade_tokenizer_config(config["config"])))
     model.load_state_dict(weights["model"])  # strict: a missing frozen codebook is an error, never re-drawn
     return model.to(device).eval(), ckpt
 

@@ -16,6 +16,8 @@ from torch import nn
 
 from .nets import get_arch
 from .quantizers import build_quantizer
+from .quantizers.options import (OPTIONS, EMAVQOptions, FSQOptions, LFQOptions, SimVQOptions, VQOptions,
+                                 quantizer_kwargs)
 
 
 @dataclass
@@ -26,9 +28,30 @@ class TokenizerConfig:
     in_channels: int = 3          # 3 for RGB, 1 for mono audio / grayscale
     quantizer: str = "simvq"      # name in tokenizer.quantizers.QUANTIZERS
     num_codes: int = 1024         # codebook size K
-    # Extra keyword arguments of the quantizer, e.g. {"beta": 0.25, "bias": True,
-    # "rotation_trick": False}; empty = the quantizer's own defaults (the paper's).
-    quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The options of each quantizer (only the chosen one's are used); defaults = the paper's / the library's.
+    simvq: SimVQOptions = field(default_factory=SimVQOptions)
+    vq: VQOptions = field(default_factory=VQOptions)
+    ema_vq: EMAVQOptions = field(default_factory=EMAVQOptions)
+    fsq: FSQOptions = field(default_factory=FSQOptions)
+    lfq: LFQOptions = field(default_factory=LFQOptions)
+
+    def quantizer_options(self) -> dict[str, Any]:
+        """Keyword arguments for the chosen quantizer, from its section."""
+        if self.quantizer not in OPTIONS:
+            raise ValueError(f"unknown quantizer {self.quantizer!r} (setting `quantizer`); choose one of "
+                             f"{sorted(OPTIONS)}")
+        return quantizer_kwargs(self.quantizer, getattr(self, OPTIONS[self.quantizer][0]))
+
+
+def upgrade_tokenizer_config(config: dict) -> dict:
+    """A tokenizer config dict as written by older versions -> today's fields: the untyped `quantizer_kwargs` dict
+    became the chosen quantizer's typed section (so checkpoints written before still load)."""
+    config = dict(config)
+    legacy = config.pop("quantizer_kwargs", None)
+    if legacy:
+        section = OPTIONS.get(config.get("quantizer", "simvq"), ("simvq",))[0]
+        config[section] = {**config.get(section, {}), **legacy}
+    return config
 
 
 class AEOutput(NamedTuple):
@@ -72,6 +95,6 @@ def build_tokenizer(cfg: TokenizerConfig) -> VQAutoencoder:
     arch = get_arch(cfg.arch)
     dim = arch.latent_channels(cfg.size)  # checks the size before anything is built
     # The quantizer is built before the nets: the seeded initial weights depend on this order.
-    quantizer = build_quantizer(cfg.quantizer, dim=dim, num_codes=cfg.num_codes, **cfg.quantizer_kwargs)
+    quantizer = build_quantizer(cfg.quantizer, dim=dim, num_codes=cfg.num_codes, **cfg.quantizer_options())
     encoder, decoder = arch.build(cfg.size, dims=cfg.dims, in_channels=cfg.in_channels)
     return VQAutoencoder(encoder, quantizer, decoder, downsample_factor=arch.downsample_factor(cfg.size))
