@@ -30,7 +30,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image
 
-from data.media import MODALITIES, image_to_png
+from data.image import image_to_png
+from data.media import MODALITIES
 
 BUILTIN_SOURCES = ("digits", "photos")
 # skimage.data images that are bundled in the wheel (others are fetched with pooch: not allowed here).

@@ -1,52 +1,35 @@
-"""Media bytes <-> tensors: one place that knows how images and audio are normalised and decoded.
+"""The modality registry: what every stage needs to know about a kind of media, in one table.
 
-Two moments touch the pixels/samples of a file:
+`MediaSpec` (stored in the shard manifest) names a modality and its resolution policy; `MODALITIES[name]`
+says, for that modality, the file format of a sample (png | wav: the field in a shard and the suffix of a
+sample file), the source extensions, the model's dims and channels, the input shape, and the functions of
+the three moments that touch the bytes of a file:
 
-1. Shard time (`normalise`): an arbitrary user file (any PIL mode, any size; any wav layout and rate) is
-   turned *once* into canonical bytes that go into the shard:
-   - image: PNG of 8-bit RGB (integer greys scaled by the bit depth their mode/header declares, see
-     `to_rgb`). Resize policy (`MediaSpec.resize`):
-     "short_side" (default) resizes the short side to `size` and keeps the aspect ratio, so that the
-     paper's training augmentation (random crop along the long side, SimVQ spec section 3) still has
-     something to crop at read time; "center_crop" also center-crops to size x size (smallest shards);
-     "none" stores the original resolution (the reader resizes).
-   - audio: 16-bit PCM mono WAV at `sample_rate` (channels averaged, resampled with
-     torchaudio.functional.resample), full length; crops happen at read time.
-2. Read time (`decode`): canonical bytes -> float tensor in [-1, 1]:
-   - image (3, size, size): resize short side to `size` if needed, random crop (train) or center crop
-     (eval). No flip, as in the paper.
-   - audio (1, clip): random (train) or centered (eval) crop of `clip_seconds`; clips shorter than that
-     are zero-padded at the end.
+1. Shard time (`normalise`): an arbitrary user file is turned *once* into canonical shard bytes.
+2. Read time (`decode`): canonical bytes -> float tensor in [-1, 1] (rng=None: the deterministic eval crop).
+3. Write time (`to_file_bytes`): a model's output sample in [-1, 1] -> the bytes of a file a person opens,
+   through `to_integers` (uint8 for images: data.image.to_uint8; int16 for audio: data.audio.to_int16),
+   the one place for each conversion.
+The details per modality are in data/image.py and data/audio.py.
 
-Audio is a preset of the same code (`modality="audio"` selects another `Modality` in `MODALITIES`),
-not a second pipeline. Anything that cannot be decoded raises `MediaError` with a reason about the
-bytes ("zero-byte file", "not an image: ...", "truncated JPEG image (...)", "corrupt PNG image: ...");
-the shard writer catches it, logs it with the file's origin and records both in the manifest.
+Audio is a preset of the same code (`modality="audio"` selects another `Modality`), not a second pipeline.
+Anything that cannot be decoded raises `MediaError` with a reason about the bytes ("zero-byte file", "not an
+image: ...", "truncated JPEG image (...)", "corrupt PNG image: ..."); the shard writer catches it, logs it with
+the file's origin and records both in the manifest.
 """
 
 from __future__ import annotations
 
-import io
 import random
-import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-import numpy as np
-import soundfile
 import torch
-import torchaudio.functional
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-AUDIO_EXTENSIONS = (".wav", ".flac")
+from data.audio import AUDIO_EXTENSIONS, audio_file_bytes, decode_audio, normalise_audio, to_int16
+from data.image import IMAGE_EXTENSIONS, decode_image, image_file_bytes, normalise_image, to_uint8
+
 RESIZE_POLICIES = ("short_side", "center_crop", "none")
-WHITE = (255, 255, 255)  # transparent pixels are composited onto white (their RGB is often garbage)
-BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # what decoders call in-memory bytes
-
-
-class MediaError(ValueError):
-    """A file that cannot be read as the requested modality (corrupt, truncated, unsupported mode)."""
 
 
 @dataclass(frozen=True)
@@ -71,179 +54,44 @@ class MediaSpec:
     def clip_samples(self) -> int:
         return int(round(self.sample_rate * self.clip_seconds))
 
+    @property
+    def dims(self) -> int:
+        """Spatial dims of a sample (2 image, 1 audio): the tokenizer's `--model.dims`."""
+        return MODALITIES[self.modality].dims
 
-# ---------------------------------------------------------------------------------------------- image
-def to_rgb(img: Image.Image, white: int | None = None) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Alpha is composited on white. Integer greys are rescaled so that
-    `white` (default `white_level(img)`) becomes 255: PIL's own convert() clips I;16 to 255, which turns
-    a 16-bit photo white. The range comes from the mode/header, never from the pixel values: a dark
-    16-bit image (all values <= 255) must stay dark, not be read as 8-bit. Float greys ("F") are the
-    exception: they declare no range, so [0, 1] is assumed when the values fit, else 0..255."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":  # palette: its transparency lives in info, go through RGBA to honour it
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode.startswith("I") or img.mode == "F":
-        grey = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":  # no declared range: [0, 1] when it fits, else taken as 0..255
-            grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey
-        else:
-            grey = grey * (255.0 / (white or white_level(img)))
-        grey8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey8).convert("RGB")
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, ... (PIL raises for modes it cannot convert)
+    @property
+    def channels(self) -> int:
+        """Channels of a decoded sample (3 RGB, 1 mono): the tokenizer's `--model.in_channels`."""
+        return MODALITIES[self.modality].channels
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one decoded sample, the model's input without the batch dim: (3, size, size) | (1, clip)."""
+        return (self.channels, *MODALITIES[self.modality].shape(self))
+
+    @property
+    def extension(self) -> str:
+        """File extension of one sample's bytes (png | wav), in a shard and as a sample file."""
+        return MODALITIES[self.modality].field
 
 
-def white_level(img: Image.Image) -> int:
-    """The largest value of an integer grey image ("I;16*" or "I"), from its mode and file header.
-    "I" is PIL's 32-bit container: TIFF declares the real depth (BitsPerSample, SampleFormat 2 =
-    signed), while PGM/PPM with maxval > 255 open as "I" holding 16-bit values. Read it before anything
-    (exif_transpose, copy) replaces the image object, since that drops the header."""
-    if img.mode.startswith("I;16"):
-        return 2**16 - 1
-    tags = getattr(img, "tag_v2", {})
-    bits, sample_format = tags.get(258, 16), tags.get(339, 1)  # TIFF: an int, or a tuple with one per channel
-    bits = bits[0] if isinstance(bits, tuple) else bits
-    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
-    return 2 ** (bits - 1 if sample_format == 2 else bits) - 1
-
-
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))  # short side exactly `size`
-    return img.resize(new, Image.Resampling.BICUBIC)
-
-
-def crop_square(img: Image.Image, size: int, rng: random.Random | None) -> Image.Image:
-    """Center crop when rng is None (eval), else a uniformly random size x size window (train)."""
-    w, h = img.size
-    if rng is None:
-        left, top = (w - size) // 2, (h - size) // 2
-    else:
-        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
-    return img.crop((left, top, left + size, top + size))
-
-
-def open_image(data: bytes) -> Image.Image:
-    """Bytes -> fully loaded RGB image (load() forces decoding so truncated files fail here, not later).
-    Raises MediaError saying what is wrong with the bytes; the caller names the file."""
-    if not data:
-        raise MediaError("zero-byte file")
-    claimed = sniff_image_format(data)
-    try:
-        img = Image.open(io.BytesIO(data))
-        claimed = img.format or claimed
-        img.load()
-        white = white_level(img) if img.mode.startswith("I") else None  # before exif_transpose drops the header
-        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-        return to_rgb(img, white)
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-        raise MediaError(image_problem(exc, data, claimed)) from exc
-
-
-# File signatures, to tell "not an image at all" from "an image whose header is damaged".
-SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP",
-              b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
-
-
-def sniff_image_format(data: bytes) -> str | None:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
-
-
-def image_problem(exc: Exception, data: bytes, claimed: str | None) -> str:
-    """A reason a person can act on, instead of PIL's "cannot identify image file <_io.BytesIO ...>".
-    `claimed`: the format the file says it is (PIL's, else its signature), None when unrecognised."""
-    kind = f"{claimed} image" if claimed else "image"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"{kind} too large to decode safely: {exc}"
-    message = BYTESIO_REPR.sub("the file", str(exc))
-    if isinstance(exc, EOFError) or "truncated" in message.lower():  # "image file is truncated", "Truncated File Read"
-        return f"truncated {kind} ({message})"
-    if isinstance(exc, UnidentifiedImageError):
-        if claimed:
-            return f"corrupt {kind}: the header cannot be parsed"
-        # the first bytes often say what the file really is: b'<html>' from a failed download, ...
-        return f"not an image: unrecognised format ({len(data)} bytes starting {data[:12]!r})"
-    return f"corrupt {kind}: {type(exc).__name__}: {message}"
-
-
-def normalise_image(data: bytes, spec: MediaSpec) -> bytes:
-    img = open_image(data)
-    if spec.resize != "none":
-        img = resize_short_side(img, spec.size)
-    if spec.resize == "center_crop":
-        img = crop_square(img, spec.size, rng=None)
-    return image_to_png(img)
-
-
-def image_to_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    to_rgb(img).save(buf, format="PNG")  # lossless, so the shard holds exactly the normalised pixels
-    return buf.getvalue()
-
-
-def decode_image(data: bytes, spec: MediaSpec, rng: random.Random | None) -> torch.Tensor:
-    img = crop_square(resize_short_side(open_image(data), spec.size), spec.size, rng)
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
-
-
-# ---------------------------------------------------------------------------------------------- audio
-def read_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Bytes -> (mono float32 (T,), sample rate). Channels are averaged."""
-    if not data:
-        raise MediaError("zero-byte file")
-    try:
-        wav, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
-    except Exception as exc:  # libsndfile names the stream "<_io.BytesIO object at 0x...>": say "the file"
-        raise MediaError(f"not a readable audio file: {BYTESIO_REPR.sub('the file', str(exc))}") from exc
-    if wav.shape[0] == 0:
-        raise MediaError("audio file has no samples")
-    return wav.mean(axis=1), rate
-
-
-def normalise_audio(data: bytes, spec: MediaSpec) -> bytes:
-    wav, rate = read_audio(data)
-    if rate != spec.sample_rate:
-        resampled = torchaudio.functional.resample(torch.from_numpy(wav), rate, spec.sample_rate)
-        wav = resampled.numpy()
-    buf = io.BytesIO()
-    # PCM_16 clips to [-1, 1): the same range the tokenizer sees, and half the bytes of float32.
-    soundfile.write(buf, np.clip(wav, -1.0, 1.0), spec.sample_rate, subtype="PCM_16", format="WAV")
-    return buf.getvalue()
-
-
-def decode_audio(data: bytes, spec: MediaSpec, rng: random.Random | None) -> torch.Tensor:
-    wav, rate = read_audio(data)
-    if rate != spec.sample_rate:
-        raise MediaError(f"shard audio is {rate} Hz but the manifest says {spec.sample_rate} Hz")
-    clip = spec.clip_samples
-    if len(wav) < clip:
-        wav = np.pad(wav, (0, clip - len(wav)))  # short clips: zero-pad at the end
-    start = (len(wav) - clip) // 2 if rng is None else rng.randint(0, len(wav) - clip)
-    return torch.from_numpy(np.ascontiguousarray(wav[start : start + clip])).unsqueeze(0)  # (1, T)
-
-
-# ------------------------------------------------------------------------------------------- registry
 class Modality(NamedTuple):
-    field: str  # the webdataset field (file extension inside the tar) that holds the bytes
+    field: str  # file extension of a sample's bytes: the webdataset field in a shard, the suffix of a sample file
     extensions: tuple[str, ...]  # source files picked up when scanning a folder
+    dims: int  # spatial dims of a sample: 2 (H, W) or 1 (T,); the tokenizer's --model.dims
+    channels: int  # channels of a decoded sample; the tokenizer's --model.in_channels
+    shape: Callable[[MediaSpec], tuple[int, ...]]  # spatial shape of a decoded sample: (H, W) or (T,)
     normalise: Callable[[bytes, MediaSpec], bytes]  # shard time
     decode: Callable[[bytes, MediaSpec, random.Random | None], torch.Tensor]  # read time
+    to_int: Callable[[torch.Tensor], torch.Tensor]  # [-1, 1] -> the integers its files store (uint8 | int16)
+    file_bytes: Callable[[torch.Tensor, MediaSpec], bytes]  # write time: one sample (C, *shape) -> file bytes
 
 
 MODALITIES: dict[str, Modality] = {
-    "image": Modality("png", IMAGE_EXTENSIONS, normalise_image, decode_image),
-    "audio": Modality("wav", AUDIO_EXTENSIONS, normalise_audio, decode_audio),
+    "image": Modality("png", IMAGE_EXTENSIONS, 2, 3, lambda spec: (spec.size, spec.size), normalise_image,
+                      decode_image, to_uint8, image_file_bytes),
+    "audio": Modality("wav", AUDIO_EXTENSIONS, 1, 1, lambda spec: (spec.clip_samples,), normalise_audio,
+                      decode_audio, to_int16, audio_file_bytes),
 }
 
 
@@ -255,3 +103,21 @@ def normalise(data: bytes, spec: MediaSpec) -> bytes:
 def decode(data: bytes, spec: MediaSpec, rng: random.Random | None) -> torch.Tensor:
     """Canonical shard bytes -> float tensor in [-1, 1]; rng=None means the deterministic eval crop."""
     return MODALITIES[spec.modality].decode(data, spec, rng)
+
+
+def to_integers(x: torch.Tensor, spec: MediaSpec) -> torch.Tensor:
+    """Floats in [-1, 1] -> the integers a file of this modality stores: uint8 (image) | int16 (audio)."""
+    return MODALITIES[spec.modality].to_int(x)
+
+
+def to_file_bytes(x: torch.Tensor, spec: MediaSpec) -> bytes:
+    """One sample (C, *S) in [-1, 1], e.g. a decoder output, -> the bytes of a `.{spec.extension}` file."""
+    if x.dim() != spec.dims + 1 or x.shape[0] != spec.channels:
+        raise ValueError(f"one {spec.modality} sample is (channels={spec.channels}, {spec.dims} spatial dims), e.g. "
+                         f"{spec.input_shape}; got shape {tuple(x.shape)}")
+    return MODALITIES[spec.modality].file_bytes(x, spec)
+
+
+def modality_of(dims: int, channels: int) -> str | None:
+    """The modality whose samples a model with `dims` and `channels` takes, or None."""
+    return next((name for name, m in MODALITIES.items() if (m.dims, m.channels) == (dims, channels)), None)

@@ -25,8 +25,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from data.shards import (MANIFEST, SPLITS, AtomicTar, ManifestError, iter_shard_samples, list_shards, shard_name,
-                         write_json_atomic)
+from data.files import write_json_atomic
+from data.shards import MANIFEST, SPLITS, AtomicTar, ManifestError, iter_shard_samples, list_shards, shard_name
 
 TOKEN_FORMAT = "simvq-token-shards"
 TOKEN_VERSION = 1

@@ -13,9 +13,13 @@ import torch
 from PIL import Image
 
 from data.builtin import folder, photos
-from data.media import MediaError, MediaSpec, decode, normalise, to_rgb
-from data.shards import (ManifestError, assign_split, iter_shard_samples, list_shards, media_loader, read_manifest,
-                         resume_position, write_media_shards)
+from data.errors import MediaError
+from data.files import TEMP_MARK
+from data.image import to_rgb
+from data.media import MediaSpec, decode, normalise
+from data.reader import media_loader, resume_position
+from data.shards import (ManifestError, assign_split, iter_shard_samples, list_shards, read_manifest,
+                         write_media_shards)
 from pipelines.make_shards import main
 
 RNG = np.random.default_rng(0)
@@ -95,7 +99,7 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path):
     assert sorted(s["origin"] for s in manifest.skipped) == ["cat/broken.png", "dog/truncated.jpg"]
     assert sum(manifest.counts.values()) == 5 and len(logged) == 2 and any("cat/broken.png" in m for m in logged)
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert on_disk["num_skipped"] == 2 and not list((tmp_path / "out").glob("*.tmp"))
+    assert on_disk["num_skipped"] == 2 and not list((tmp_path / "out").glob(f"*{TEMP_MARK}*"))
 
 
 def test_skip_reasons_say_what_is_wrong_and_name_the_file(tmp_path):
@@ -214,7 +218,7 @@ def test_overwrite_removes_stale_shards_and_a_crash_leaves_no_manifest(tmp_path)
     source.items.insert(5, source.items[5]._replace(key="zz", read=explode))
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_media_shards(source, out, MediaSpec(size=8), max_count=2, overwrite=True, log=quiet)
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    assert not (out / "manifest.json").exists() and not list(out.glob(f"*{TEMP_MARK}*"))
     with pytest.raises(ManifestError, match="make_shards"):
         media_loader(out, "train", batch_size=2, train=False)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.files import temp_path
 from data.shards import ManifestError, iter_shard_samples, shard_name
 from data.tokens import (TokenManifest, TokenSample, code_dtype, load_tokens, pending_token_shards, token_loader,
                          write_token_shard)
@@ -108,7 +109,7 @@ def test_pending_shards_lists_only_missing_ones(tmp_path):
     for name in (shard_name("train", 0), shard_name("train", 1), shard_name("val", 0)):
         (media / name).write_bytes(b"")
     write_token_shard(tokens / shard_name("train", 1), [TokenSample("k", np.zeros(GRID, int), 0)], 16)
-    (tokens / (shard_name("val", 0) + ".tmp")).write_bytes(b"partial")  # an interrupted write does not count
+    temp_path(tokens / shard_name("val", 0)).write_bytes(b"partial")  # an interrupted write does not count
     pending = pending_token_shards(media, tokens)
     assert [(p.split, p.index) for p in pending] == [("train", 0), ("val", 0)]
     assert pending[1].token_path == tokens / "val-000000.tar"
