@@ -33,12 +33,14 @@ from typing import Iterator, Literal
 import torch
 from accelerate import Accelerator
 
+from data.errors import UserError
+from data.files import TEMP_MARK, sha256_file, write_json_atomic
 from data.media import decode
 from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, iter_shard_samples, list_shards,
-                         read_manifest, sha256_file, write_json_atomic)
+                         read_manifest)
 from data.tokens import PendingShard, TokenManifest, TokenSample, pending_token_shards, write_token_shard
 from pipelines.checkpoint import load_config, load_tokenizer, weights_sha256
-from pipelines.config import parse_config, to_dict
+from pipelines.config import ConfigError, parse_config, to_dict
 
 IDENTITY = "encode.json"  # written at the start of a run: what the shards in this directory are made from
 
@@ -85,10 +87,11 @@ def prepare_out_dir(out: Path, identity: dict[str, str], cfg: EncodeShardsConfig
     """Main process only: clear the directory on --overwrite, record the identity, drop the old manifest (a crash
     from here on leaves no manifest, so readers see an unfinished encode)."""
     out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:  # shards and the temp files a killed writer (SIGKILL skips the cleanup) left behind
-        for path in list(out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar*")):
-            if cfg.overwrite or path.name.endswith(".tmp"):
-                path.unlink()
+    for split in SPLITS:  # shards, and the temp files a killed writer (SIGKILL skips the cleanup) left behind
+        for path in list(out.glob(f".{split}-[0-9][0-9][0-9][0-9][0-9][0-9]{TEMP_MARK}*.tar")):
+            path.unlink()
+        for path in list_shards(out, split) if cfg.overwrite else []:
+            path.unlink()
     if cfg.overwrite:
         (out / IDENTITY).unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
@@ -97,12 +100,6 @@ def prepare_out_dir(out: Path, identity: dict[str, str], cfg: EncodeShardsConfig
 
 
 # --------------------------------------------------------------------------------------- encoding
-def input_shape(media: MediaManifest) -> tuple[int, ...]:
-    """Spatial shape of one decoded sample, (H, W) or (T,): what the code grid is computed from."""
-    spec = media.spec
-    return (spec.size, spec.size) if spec.modality == "image" else (spec.clip_samples,)
-
-
 def encode_shard(model, shard: PendingShard, media: MediaManifest, grid: tuple[int, ...], batch_size: int,
                  device: torch.device, autocast: bool) -> int:
     """Encode one media shard into its token shard (atomic); returns the number of samples."""
@@ -165,7 +162,7 @@ def main(argv: list[str] | None = None) -> TokenManifest:
     cfg = parse_config(EncodeShardsConfig, argv)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     if not splits or any(s not in SPLITS for s in splits):
-        raise ValueError(f"--splits={cfg.splits!r}: give a comma-separated subset of {','.join(SPLITS)}")
+        raise ConfigError(f"--splits={cfg.splits!r}: give a comma-separated subset of {','.join(SPLITS)}")
     data, out = Path(cfg.data), Path(cfg.out)
     # The Accelerator gives ranks and barriers only. cpu=True on a machine without CUDA, else accelerate ignores
     # LOCAL_RANK/WORLD_SIZE there and every launched process would think it is the only one. The device and the
@@ -180,13 +177,13 @@ def main(argv: list[str] | None = None) -> TokenManifest:
     media = read_manifest(data)
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
     tok_cfg = load_config(ckpt)["config"]
-    dims = 2 if media.spec.modality == "image" else 1
-    channels = 3 if media.spec.modality == "image" else 1
-    if (tok_cfg["dims"], tok_cfg["in_channels"]) != (dims, channels):
-        raise ValueError(f"{ckpt} is a tokenizer for dims={tok_cfg['dims']}, in_channels={tok_cfg['in_channels']} "
-                         f"but {data} holds {media.spec.modality} (dims={dims}, channels={channels}); "
-                         f"train one on these shards: `python -m pipelines.train_tokenizer --data={data}`")
-    grid = model.grid_shape(input_shape(media))
+    spec = media.spec
+    if (tok_cfg["dims"], tok_cfg["in_channels"]) != (spec.dims, spec.channels):
+        raise UserError(f"{ckpt} is a tokenizer for dims={tok_cfg['dims']}, in_channels={tok_cfg['in_channels']} "
+                        f"but {data} holds {spec.modality} (dims={spec.dims}, channels={spec.channels}); train one "
+                        f"on these shards: `python -m pipelines.train_tokenizer --data={data} "
+                        f"--model.dims={spec.dims} --model.in_channels={spec.channels}`")
+    grid = model.grid_shape(spec.input_shape[1:])  # a sample (C, *S) -> its code grid from S
     identity = {"tokenizer_sha256": weights_sha256(ckpt), "source_manifest_sha256": sha256_file(data / MANIFEST)}
 
     # output directory: every process checks (read-only, so all raise alike), then the main process prepares it

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from data.builtin import open_source
+from data.files import TEMP_MARK, sha256_file
 from data.media import MediaSpec
-from pipelines.checkpoint import weights_sha256
-from data.shards import (ManifestError, iter_shard_samples, list_shards, media_loader, read_manifest, sha256_file,
-                         write_media_shards)
+from data.reader import media_loader
+from data.shards import ManifestError, iter_shard_samples, list_shards, read_manifest, write_media_shards
 from data.tokens import TokenManifest, load_tokens
+from pipelines.checkpoint import weights_sha256
 from pipelines import encode_shards
 from pipelines.checkpoint import save_checkpoint
 from pipelines.config import to_dict
@@ -130,17 +131,17 @@ def test_resume_after_interruption(setup, tmp_path, monkeypatch):
         encode(media, root / "run", out)
     monkeypatch.undo()
     assert not (out / "manifest.json").exists()  # an interrupted encode is not readable as finished
-    assert sorted(p.name for p in out.glob("*.tar")) == sorted(calls[:2]) and not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(calls[:2]) and not list(out.glob(f"*{TEMP_MARK}*"))
     with pytest.raises(ManifestError, match="manifest.json not found"):
         load_tokens(out, "train")
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
 
-    (out / f"{calls[2]}.tmp").write_bytes(b"garbage from a SIGKILLed writer")  # removed, never read
+    (out / f".{Path(calls[2]).stem}{TEMP_MARK}99999.tar").write_bytes(b"garbage from a SIGKILLed writer")  # removed, never read
     encode(media, root / "run", out)
     assert {n: (out / n).stat().st_ino for n in kept} == {n: ino for n, (ino, _) in kept.items()}  # not re-encoded
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == {n: t for n, (_, t) in kept.items()}
     assert read_back(out) == ref  # every sample exactly once
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(f"*{TEMP_MARK}*"))
 
     # deleting finished shards and the manifest: the rerun redoes exactly those, byte-identical
     before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
