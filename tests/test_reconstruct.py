@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from data.shards import MediaBatch
+from data.reader import MediaBatch
 from tokenizer.autoencoder import AEOutput
 
 
@@ -36,7 +36,7 @@ def batches(n_images: int, batch_size: int = 4) -> list[MediaBatch]:
 def test_val_utilisation_comes_with_its_token_count():
     from pipelines.metrics.reconstruction import reconstruction_metrics
 
-    m = reconstruction_metrics(StubTokenizer(64), batches(10), "cpu")
+    m = reconstruction_metrics(StubTokenizer(64), batches(10), "cpu", modality="image")
     assert m["val/tokens"] == 40 and m["val/utilisation"] == pytest.approx(40 / 64)
     assert m["val/num_codes"] == 64 and m["val/max_utilisation"] == pytest.approx(40 / 64)
     keys = list(m)

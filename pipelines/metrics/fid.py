@@ -4,11 +4,12 @@
     res = compute_fidelity(generated, reference, ext, FidelityConfig(), reference_id=manifest_sha + ":val:n=500")
     res.metrics  # {"fid_inception": .., "kid_inception": .., "kid_std_inception": .., "precision_inception": .., ...}
 
-Images are uint8 (N, 3, H, W) tensors or iterables of uint8 (3, H, W) / (B, 3, H, W) tensors; `to_uint8` converts
-the models' [-1, 1] floats. Features come from torch-fidelity's own extractor machinery (its registry,
-`create_feature_extractor`, `get_featuresdict_from_dataset` — the code `calculate_metrics` runs), so an extractor is
-anything registered with `torch_fidelity.register_feature_extractor`. `"inception-v3-compat"` gets its weights from a
-local file (`python -m pipelines.weights inception`); nothing is ever downloaded.
+Images are uint8 (N, 3, H, W) tensors or iterables of uint8 (3, H, W) / (B, 3, H, W) tensors;
+`data.media.to_uint8` converts the models' [-1, 1] floats. Features come from torch-fidelity's own extractor
+machinery (its registry, `create_feature_extractor`, `get_featuresdict_from_dataset` — the code `calculate_metrics`
+runs), so an extractor is anything registered with `torch_fidelity.register_feature_extractor`.
+`"inception-v3-compat"` gets its weights from a local file (`python -m pipelines.weights inception`); nothing is ever
+downloaded.
 
 Why not call `calculate_metrics` for everything: its cache unpickles files (torch.load(weights_only=False)) and is
 keyed by a name only, and it cannot take precomputed features. Here the reference features are cached as .npz
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -38,10 +38,13 @@ import scipy.linalg
 import torch
 from torch.utils.data import Dataset
 
-from data.shards import sha256_file
+from data.files import atomic_path, sha256_file
 from pipelines.metrics.inception_weights import DEFAULT_INCEPTION_PATH
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-2015 FID Inception
+# The media whose samples the feature extractors (Inception, the domain classifier) and LPIPS take: RGB pictures,
+# uint8 (N, 3, H, W). evaluate skips them, with a note, for any other modality (audio gets its metrics later).
+FIDELITY_MODALITIES = ("image",)
 CACHE_VERSION = 1
 # KID needs subsets that differ from each other: with half of the smaller set per subset, fewer than 10 images would
 # mean subsets of < 5, whose mean and spread say little.
@@ -112,11 +115,6 @@ def registered_extractor(name: str, weights_path: str | Path, weights_hash: str,
 # ---------------------------------------------------------------------------------------------------- images
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 [0, 255], rounding like a PNG writer would."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def as_uint8_images(images: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
     """(N, 3, H, W) uint8 from a tensor or an iterable of (3, H, W) / (B, 3, H, W) uint8 tensors."""
     parts = [images] if torch.is_tensor(images) else list(images)
@@ -126,7 +124,7 @@ def as_uint8_images(images: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tens
     for p in parts:
         if p.dtype != torch.uint8 or p.dim() != 4 or p.shape[1] != 3:
             raise ValueError(f"fid: expected uint8 RGB images (N, 3, H, W), got {p.dtype} {tuple(p.shape)}; "
-                             f"convert model output in [-1, 1] with pipelines.metrics.fid.to_uint8")
+                             f"convert model output in [-1, 1] with data.media.to_uint8")
     return torch.cat([p.cpu() for p in parts])
 
 
@@ -225,9 +223,8 @@ def reference_features(reference: torch.Tensor | Iterable[torch.Tensor], referen
     feats = extract_features(reference, extractor, cfg)
     mu, sigma = feature_statistics(feats)  # stored for readers that want FID only; raises below 2 images
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, features=feats, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, features=feats, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
     return feats, path, False
 
 

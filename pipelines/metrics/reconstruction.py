@@ -1,4 +1,5 @@
-"""Reconstruction metrics of a tokenizer: per-image PSNR/SSIM, L1, codebook utilisation, and the recon grid.
+"""Reconstruction metrics of a tokenizer, per modality: L1 always, images PSNR/SSIM (per image, then averaged),
+audio SNR (per clip); codebook utilisation; the recon grid.
 
 Used by the training loop's evaluation, `python -m pipelines.reconstruct` and `python -m pipelines.evaluate`.
 
@@ -18,22 +19,44 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torchvision.utils import save_image
 
+from pipelines.metrics.audio import snr
+from pipelines.metrics.grids import recon_grid, write_png
 from pipelines.metrics.image import from_model_range, psnr, ssim
 from tokenizer.quantizers import CodebookUsage
+
+
+def _image_psnr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return psnr(from_model_range(x), from_model_range(x_hat))  # on [0, 1], per image (not the batch-PSNR bug)
+
+
+def _image_ssim(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return ssim(from_model_range(x), from_model_range(x_hat))
+
+
+# Per modality (data.media.MODALITIES' names): metric name -> (x, x_hat) in [-1, 1] -> (B,) one value per sample.
+# Reported as val/<name>, the mean over samples; val/recon_l1 is computed for every modality.
+PER_SAMPLE_METRICS: dict[str, dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "image": {"psnr": _image_psnr, "ssim": _image_ssim},
+    "audio": {"snr": snr},
+}
 
 
 @torch.no_grad()
 def reconstruction_metrics(model, loader, device, accelerator=None, max_batches: int = 0,
                            grid_path: Path | None = None, grid_count: int = 16,
-                           on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, float]:
-    """One pass over `loader` (MediaBatch) with `model` (a VQAutoencoder): mean per-image PSNR/SSIM (images), L1,
-    and codebook usage. Under several processes the sums are reduced across them before dividing. `on_batch(x, x_hat)`
-    sees every batch (e.g. to collect images for rFID)."""
+                           on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None, *,
+                           modality: str) -> dict[str, float]:
+    """One pass over `loader` (MediaBatch) with `model` (a VQAutoencoder): mean L1, the means of `modality`'s
+    PER_SAMPLE_METRICS, and codebook usage. Under several processes the sums are reduced across them before
+    dividing. `on_batch(x, x_hat)` sees every batch (e.g. to collect images for rFID); `grid_path` gets the
+    recon grid of the first `grid_count` samples (pipelines/metrics/grids.py)."""
+    if modality not in PER_SAMPLE_METRICS:
+        raise KeyError(f"no reconstruction metrics for modality {modality!r} ({sorted(PER_SAMPLE_METRICS)})")
+    per_sample = PER_SAMPLE_METRICS[modality]
     model.eval()
     usage = CodebookUsage(model.quantizer.num_codes, device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # l1, psnr, ssim, count
+    sums = torch.zeros(2 + len(per_sample), dtype=torch.float64, device=device)  # count, l1, *per_sample
     first = None
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
@@ -42,12 +65,10 @@ def reconstruction_metrics(model, loader, device, accelerator=None, max_batches:
         out = model(x)
         x_hat = out.x_hat.float().clamp(-1, 1)
         usage.update(out.codes)
-        sums[0] += (x_hat - x).abs().flatten(1).mean(1).sum()
-        if x.dim() == 4:  # images: PSNR/SSIM on [0, 1], per image then averaged (not the batch-PSNR bug)
-            a, b = from_model_range(x), from_model_range(x_hat)
-            sums[1] += psnr(a, b).sum()
-            sums[2] += ssim(a, b).sum()
-        sums[3] += x.shape[0]
+        sums[0] += x.shape[0]
+        sums[1] += (x_hat - x).abs().flatten(1).mean(1).sum()
+        for j, fn in enumerate(per_sample.values()):
+            sums[2 + j] += fn(x, x_hat).sum()
         if on_batch is not None:
             on_batch(x, x_hat)
         if first is None:
@@ -55,13 +76,12 @@ def reconstruction_metrics(model, loader, device, accelerator=None, max_batches:
     if accelerator is not None:
         sums = accelerator.reduce(sums, "sum")
         usage.counts = accelerator.reduce(usage.counts, "sum")
-    n = max(1.0, float(sums[3]))
-    metrics = {"val/recon_l1": float(sums[0]) / n, "val/samples": n, **usage_metrics(usage, "val/")}
-    if first is not None and first[0].dim() == 4:
-        metrics["val/psnr"] = float(sums[1]) / n
-        metrics["val/ssim"] = float(sums[2]) / n
+    n = max(1.0, float(sums[0]))
+    metrics = {"val/recon_l1": float(sums[1]) / n, "val/samples": n, **usage_metrics(usage, "val/")}
+    if first is not None:
+        metrics.update({f"val/{name}": float(total) / n for name, total in zip(per_sample, sums[2:])})
         if grid_path is not None and (accelerator is None or accelerator.is_main_process):
-            save_grid(first[0], first[1], grid_path)
+            write_png(recon_grid(*first, modality), grid_path)
     return metrics
 
 
@@ -92,16 +112,3 @@ def codebook_usage(model, loader, device, prefix: str = "usage/") -> dict[str, f
     for batch in loader:
         usage.update(model.encode(batch.x.to(device)))
     return usage_metrics(usage, prefix)
-
-
-def save_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path) -> None:
-    """Originals on the odd rows, reconstructions under them, written atomically."""
-    n = x.shape[0]
-    cols = min(8, n)
-    rows = []
-    for r in range(0, n, cols):
-        rows += [x[r:r + cols], x_hat[r:r + cols]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(torch.cat(rows) * 0.5 + 0.5, tmp, nrow=cols, padding=1)
-    tmp.replace(path)
