@@ -1,6 +1,10 @@
-"""Tokenizer checkpoint + media shards -> reconstruction grid and metrics.json (pipelines/metrics/reconstruction.py).
+"""Tokenizer checkpoint + media shards -> recon grid and metrics.json, by the media's modality.
 
     python -m pipelines.reconstruct --tokenizer=runs/digits/tokenizer --data=runs/digits/shards --out=runs/digits/recon
+
+The metrics (pipelines/metrics/reconstruction.py) are the training loop's evaluation, run over the whole `split`:
+L1 and the modality's per-sample metrics (images PSNR/SSIM, audio SNR), codebook utilisation next to its token
+count, and usage/* counted over `usage_split` (encoder only; a val split often holds fewer tokens than K).
 """
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from data.shards import media_loader, write_text_atomic
+from data.files import write_text_atomic
+from data.reader import media_loader
+from data.shards import read_manifest
 from pipelines.checkpoint import load_tokenizer
-from pipelines.config import parse_config, to_dict
+from pipelines.cli import run
+from pipelines.config import to_dict
+from pipelines.device import resolve_device
 from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
 
 
@@ -23,21 +29,21 @@ class ReconstructConfig:
     out: str = "runs/digits/recon"  # where recon.png and metrics.json go
     split: str = "val"  # which split to reconstruct
     usage_split: str = "train"  # split encoded for usage/* (codebook utilisation on many tokens); "" = skip
-    batch_size: int = 64  # images per forward
-    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 64  # samples per forward
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    cfg = parse_config(ReconstructConfig, argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+def main(cfg: ReconstructConfig) -> dict[str, float]:
+    device = resolve_device(cfg.device)
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
-    loader = media_loader(cfg.data, cfg.split, cfg.batch_size, train=False)
+    modality = read_manifest(cfg.data).spec.modality
     out = Path(cfg.out)
-    metrics = reconstruction_metrics(model, loader, device, grid_path=out / "recon.png")
+    loader = media_loader(cfg.data, cfg.split, cfg.batch_size, train=False)
+    metrics = reconstruction_metrics(model, loader, device, grid_path=out / "recon.png", modality=modality)
     metrics = {k.replace("val/", f"{cfg.split}/"): v for k, v in metrics.items()}
     if cfg.usage_split:
-        metrics.update(codebook_usage(model, media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False),
-                                      device))
+        usage_loader = media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False)
+        metrics.update(codebook_usage(model, usage_loader, device))
     notes = [n for n in (usage_note(metrics, f"{cfg.split}/"), usage_note(metrics, "usage/")) if n]
     record = {"metrics": metrics, "notes": notes, "tokenizer": str(ckpt), "settings": to_dict(cfg)}
     out.mkdir(parents=True, exist_ok=True)
@@ -49,4 +55,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, ReconstructConfig)
