@@ -1,20 +1,21 @@
-"""Sample images: prior -> codes -> tokenizer.decode -> PNG files, grids and a manifest.
+"""Sample media: prior -> codes -> tokenizer.decode -> files (png | wav, by the media's modality), grids, a manifest.
 
     python -m pipelines.sample --prior=runs/digits/prior --tokenizer=runs/digits/tokenizer --out=runs/digits/samples
     python -m pipelines.sample ... --num_per_class=100 --classes=3,7 --settings.cfg_scale=2 --settings.top_k=100
     python -m pipelines.sample ... --num=64                  # unconditional: the null class (or a num_classes=0 prior)
 
-Writes
-    out/images/{class}/{index:06d}.png    (out/images/{index:06d}.png when unconditional)
-    out/grids/{class}.png                 the first `grid_per_class` samples of each class
-    out/grid.png                          overview: one row per class, `overview_cols` samples each
-    out/manifest.json                     both checkpoints + hashes, seed, every setting, count, classes, sizes, and
-                                          `images`: per sample its path, label and seed (written last, atomically)
+Writes out/media/{class}/{index:06d}.{png|wav} (no {class}/ when unconditional), out/grids/{class}.png (the first
+`grid_per_class` of each class; audio as waveforms), out/grid.png (a row of `overview_cols` per class) and, last,
+out/manifest.json: both checkpoints + hashes, seed, every setting, the media spec, and per sample path, label, seed.
+
+main's steps: check the pair -> plan -> generate (codes, decode) -> write (data.media.to_file_bytes) -> grids
+(pipelines/metrics/grids.py) -> manifest. The file format (modality; for audio the wav rate) comes from the media
+manifest the prior's tokens were made from: `--data`, else the tokenizer's training data.
 
 Sample i (in output order: class by class, in the order of `classes`) uses seed `seed + i`, and prior/sampling.py
-draws each sample's randomness from its own seed, so an image does not depend on the batch size or its batch-mates.
+draws each sample's randomness from its own seed, so a sample does not depend on the batch size or its batch-mates.
 The prior records which tokenizer made its training tokens (train_config.token_manifest); a tokenizer with another
-hash, K, quantizer or grid is refused, since its codes would mean different images.
+hash, K, quantizer or grid is refused, since its codes would mean different media.
 """
 from __future__ import annotations
 
@@ -26,38 +27,45 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
-from PIL import Image
 
-from data.shards import write_text_atomic
+from data.errors import UserError
+from data.files import sha256_file, write_bytes_atomic, write_text_atomic
+from data.media import MediaSpec, modality_of, to_file_bytes
+from data.shards import MANIFEST, read_manifest
 from pipelines.checkpoint import checkpoint_hash, load_config, load_prior, load_tokenizer, weights_sha256
-from pipelines.config import parse_config, to_dict
+from pipelines.cli import run
+from pipelines.config import ConfigError, to_dict
+from pipelines.device import resolve_device
+from pipelines.metrics.grids import grid, thumbnails, write_png
 from prior import Prior, SampleSettings, sample
 
 SAMPLES_FORMAT = "simvq-samples"
-SAMPLES_VERSION = 1
+SAMPLES_VERSION = 2  # 2: files under media/ in the modality's format, listed as "samples"; 1: images/*.png, "images"
 PRIOR_HINT = "train one with `python -m pipelines.train_prior --tokens=<token shards of this tokenizer>`"
 
 
-class IncompatibleCheckpoints(ValueError):
-    """A prior and a tokenizer that do not belong together: the prior's codes would decode to the wrong images."""
+class IncompatibleCheckpoints(UserError, ValueError):
+    """A prior and a tokenizer that do not belong together: the prior's codes would decode to the wrong media."""
+
+
+class SamplesExist(UserError, FileExistsError):
+    """`out` already holds the samples of an earlier run."""
 
 
 @dataclass
 class SampleConfig:
     prior: str = "runs/digits/prior"  # prior checkpoint or run directory (newest checkpoint)
     tokenizer: str = "runs/digits/tokenizer"  # tokenizer checkpoint or run directory; must be the prior's tokenizer
-    out: str = "runs/digits/samples"  # output directory (images/, grids/, grid.png, manifest.json)
+    out: str = "runs/digits/samples"  # output directory (media/, grids/, grid.png, manifest.json)
+    data: str = ""  # media shards the prior's tokens came from (file format, wav rate); "" = the tokenizer's data
     num_per_class: int = 10  # samples per class; an unconditional prior counts as one class
     num: int = 0  # > 0: that many unconditional samples (null class) instead of num_per_class per class
     classes: list[str] = field(default_factory=list)  # class names (or indices) to sample; empty = all
-    batch_size: int = 64  # samples per prior forward; does not change the images
-    decode_batch: int = 64  # images per decoder forward; fixed, so pixels never depend on batch_size (see generate)
+    batch_size: int = 64  # samples per prior forward; does not change the samples
+    decode_batch: int = 64  # samples per decoder forward; fixed, so outputs never depend on batch_size (generate)
     seed: int = 0  # sample i uses seed + i
     grid_per_class: int = 64  # samples in each out/grids/{class}.png
     overview_cols: int = 10  # samples per class row in out/grid.png
@@ -66,7 +74,7 @@ class SampleConfig:
     settings: SampleSettings = field(default_factory=SampleSettings)  # temperature, top-k/p, min-p, CFG, kv cache
 
 
-# ---------------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------------- checkpoints and media
 def identity(ckpt: Path) -> dict:
     return {"path": str(ckpt), "checkpoint_sha256": checkpoint_hash(ckpt), "weights_sha256": weights_sha256(ckpt)}
 
@@ -82,12 +90,12 @@ def check_pair(prior: Prior, prior_config: dict, prior_ckpt: Path, tokenizer_ckp
               "quantizer": tok["quantizer"]}
     diffs = [f"{k}: prior trained on {recorded[k]!r}, tokenizer has {v!r}" for k, v in actual.items()
              if recorded[k] != v]
-    grid = [int(g) for g in recorded["grid"]]
-    if len(grid) != tok["dims"]:
-        diffs.append(f"grid: prior trained on a {len(grid)}-d grid {grid}, tokenizer is {tok['dims']}-d")
-    if math.prod(grid) != prior.cfg.seq_len or recorded["num_codes"] != prior.cfg.num_codes:
+    grid_shape = [int(g) for g in recorded["grid"]]
+    if len(grid_shape) != tok["dims"]:
+        diffs.append(f"grid: prior trained on a {len(grid_shape)}-d grid {grid_shape}, tokenizer is {tok['dims']}-d")
+    if math.prod(grid_shape) != prior.cfg.seq_len or recorded["num_codes"] != prior.cfg.num_codes:
         diffs.append(f"prior model (K={prior.cfg.num_codes}, seq_len={prior.cfg.seq_len}) disagrees with its own "
-                     f"token manifest (K={recorded['num_codes']}, grid={grid})")
+                     f"token manifest (K={recorded['num_codes']}, grid={grid_shape})")
     if diffs:
         raise IncompatibleCheckpoints(
             f"prior {prior_ckpt} and tokenizer {tokenizer_ckpt} do not belong together: " + "; ".join(diffs)
@@ -96,66 +104,34 @@ def check_pair(prior: Prior, prior_config: dict, prior_ckpt: Path, tokenizer_ckp
     return recorded
 
 
-# ---------------------------------------------------------------------------------------- generation
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (N, C, H, W) -> uint8 RGB (N, 3, H, W); grayscale is repeated over the 3 channels."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+def media_spec(data: str, tokenizer_ckpt: Path, source_sha: str | None) -> tuple[MediaSpec, str]:
+    """(MediaSpec of the files, its origin): `data`'s manifest, else the tokenizer's training data's if the prior's
+    tokens came from it, else the registry's defaults for the tokenizer's dims and channels (with a note)."""
+    tok = load_config(tokenizer_ckpt)
+    shards = data or tok.get("train_config", {}).get("data", "")
+    manifest = Path(shards) / MANIFEST
+    if shards and (data or manifest.is_file()):
+        spec = read_manifest(shards).spec  # a --data without a manifest: ManifestError saying what to run
+        if sha256_file(manifest) == source_sha:
+            return spec, str(manifest)
+        if data:
+            raise UserError(f"--data={data}: {manifest} is not the manifest the prior's tokens were made from "
+                            f"(sha256 {source_sha}); pass those media shards")
+    dims, channels = tok["config"]["dims"], tok["config"]["in_channels"]
+    modality = modality_of(dims, channels)
+    if modality is None:
+        raise UserError(f"{tokenizer_ckpt}: no media modality has dims={dims}, channels={channels}; pass --data")
+    print(f"sample: no media manifest of the prior's data found: writing {modality} files with default settings; "
+          f"pass --data=<media shards> to use theirs")
+    return MediaSpec(modality=modality), f"defaults for {modality} (no media manifest found)"
 
 
-@torch.no_grad()
-def sample_codes(prior: Prior, labels: torch.Tensor | None, settings: SampleSettings, seeds: Sequence[int],
-                 grid: Sequence[int], num_codes: int) -> torch.Tensor:
-    """Codes (B, *grid) int64 for B = len(seeds), checked to lie in the tokenizer's [0, num_codes)."""
-    device = next(prior.parameters()).device
-    # bf16 for the transformer trunk; Prior.step and sampling keep the logits, CFG and filters in fp32 themselves
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
-        codes = sample(prior, None if labels is None else labels.to(device), math.prod(grid), settings, seeds)
-    if codes.min() < 0 or codes.max() >= num_codes:
-        raise IncompatibleCheckpoints(f"the prior sampled codes in [{int(codes.min())}, {int(codes.max())}] but the "
-                                      f"tokenizer has K={num_codes}: they were not trained together")
-    return codes.view(len(seeds), *grid)  # (B, L) -> (B, *grid): raster order, as data/tokens.py stores them
-
-
-@torch.no_grad()
-def generate(prior: Prior, tokenizer: torch.nn.Module, labels: torch.Tensor | None, settings: SampleSettings,
-             seeds: Sequence[int], grid: Sequence[int], batch_size: int = 0, decode_batch: int = 64) -> torch.Tensor:
-    """Sample len(seeds) images -> uint8 (N, 3, H, W) on the CPU; `labels` (N,) or None (null class).
-
-    The prior runs `batch_size` samples at a time (0 = all) under bf16 autocast on CUDA (its output head, CFG and
-    filters in fp32: prior/sampling.py); its codes depend only on (seed, label). The decoder (fp32) runs fixed groups of `decode_batch` counted from the first sample, because
-    conv kernels round differently for different batch shapes (~3e-6 on CPU, enough to flip a uint8 now and then):
-    so the pixels of sample i depend on batch_size not at all, and on where this call starts only through
-    decode_batch.
-    """
-    n = len(seeds)
-    batch_size = batch_size or n
-    codes = torch.cat([
-        sample_codes(prior, None if labels is None else labels[i:i + batch_size], settings, seeds[i:i + batch_size],
-                     grid, tokenizer.quantizer.num_codes).cpu()
-        for i in range(0, n, batch_size)])  # (N, *grid)
-    tok_device = next(tokenizer.parameters()).device
-    return torch.cat([to_uint8(tokenizer.decode(codes[i:i + decode_batch].to(tok_device))).cpu()
-                      for i in range(0, n, decode_batch)])  # (N, 3, H, W)
-
-
-# ---------------------------------------------------------------------------------------- files
-def write_png(image: torch.Tensor, path: Path) -> None:
-    """uint8 (3, H, W) -> PNG, renamed into place so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def tile(images: torch.Tensor, cols: int, pad: int = 2) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> one uint8 (3, rows*(H+pad)+pad, cols*(W+pad)+pad) image, white borders, row-major."""
-    rows = max(1, -(-images.shape[0] // cols))
-    blank = torch.full((rows * cols - images.shape[0], *images.shape[1:]), 255, dtype=torch.uint8)
-    x = F.pad(torch.cat([images, blank]), (0, pad, 0, pad), value=255)  # (rows*cols, 3, H+pad, W+pad)
-    x = rearrange(x, "(r c) ch h w -> ch (r h) (c w)", c=cols)
-    return F.pad(x, (pad, 0, pad, 0), value=255)
+# ---------------------------------------------------------------------------------------- plan
+class Item(NamedTuple):
+    label: int | None  # class index, None = the null class (unconditional)
+    name: str | None  # class name, None when unconditional
+    index: int  # position within its class: the file name
+    seed: int
 
 
 def class_dirname(name: str) -> str:
@@ -174,94 +150,166 @@ def resolve_classes(wanted: list[str], names: list[str]) -> list[int]:
         elif w.lstrip("-").isdigit() and 0 <= int(w) < len(names):
             out.append(int(w))
         else:
-            raise ValueError(f"--classes: {w!r} is neither a class name nor an index of {names}")
+            raise ConfigError(f"--classes: {w!r} is neither a class name nor an index of {names}")
     return out
 
 
-def main(argv: list[str] | None = None, base: dict | None = None) -> dict:
-    cfg = parse_config(SampleConfig, argv, base)
+def make_plan(cfg: SampleConfig, conditional: bool, names: list[str]) -> list[Item]:
+    """One item per sample, in output order (class by class); sample i gets seed + i."""
     if cfg.batch_size < 1 or cfg.decode_batch < 1:
-        raise ValueError(f"--batch_size and --decode_batch must be >= 1 (got {cfg.batch_size}, {cfg.decode_batch})")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        raise ConfigError(f"--batch_size and --decode_batch must be >= 1 (got {cfg.batch_size}, {cfg.decode_batch})")
+    if cfg.num > 0:
+        classes = [(None, None, cfg.num)]
+    elif cfg.num_per_class < 1:
+        raise ConfigError(f"--num_per_class must be >= 1 (got {cfg.num_per_class}), or pass --num=N")
+    elif not conditional:  # one "class": the same settings serve labelled and unlabelled data (compare)
+        classes = [(None, None, cfg.num_per_class)]
+    else:
+        classes = [(c, names[c], cfg.num_per_class) for c in resolve_classes(cfg.classes, names)]
+    plan, per_class = [], {}  # per_class: how many items each class has so far (--classes may repeat one)
+    for label, name, n in classes:
+        for _ in range(n):
+            per_class[name] = per_class.get(name, -1) + 1
+            plan.append(Item(label, name, per_class[name], cfg.seed + len(plan)))
+    return plan
+
+
+def guidance(settings: SampleSettings, conditional: bool, prior_ckpt: Path) -> SampleSettings:
+    """Guidance needs a class to move towards: an unconditional prior samples with cfg_scale 1 (recorded)."""
+    if conditional or settings.cfg_scale == 1.0:
+        return settings
+    print(f"sample: {prior_ckpt} is unconditional, so cfg_scale={settings.cfg_scale} becomes 1 (no guidance)")
+    return dataclasses.replace(settings, cfg_scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------- generate
+@torch.no_grad()
+def sample_codes(prior: Prior, labels: torch.Tensor | None, settings: SampleSettings, seeds: Sequence[int],
+                 grid_shape: Sequence[int], num_codes: int) -> torch.Tensor:
+    """Codes (B, *grid) int64 for B = len(seeds), checked to lie in the tokenizer's [0, num_codes)."""
+    device = next(prior.parameters()).device
+    # bf16 for the transformer trunk; Prior.step and sampling keep the logits, CFG and filters in fp32 themselves
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        codes = sample(prior, None if labels is None else labels.to(device), math.prod(grid_shape), settings, seeds)
+    if codes.min() < 0 or codes.max() >= num_codes:
+        raise IncompatibleCheckpoints(f"the prior sampled codes in [{int(codes.min())}, {int(codes.max())}] but the "
+                                      f"tokenizer has K={num_codes}: they were not trained together")
+    return codes.view(len(seeds), *grid_shape)  # (B, L) -> (B, *grid): raster order, as data/tokens.py stores them
+
+
+@torch.no_grad()
+def generate(prior: Prior, tokenizer: torch.nn.Module, labels: torch.Tensor | None, settings: SampleSettings,
+             seeds: Sequence[int], grid: Sequence[int], batch_size: int = 0, decode_batch: int = 64) -> torch.Tensor:
+    """len(seeds) samples -> decoder output (N, C, *S) in [-1, 1] on the CPU; `labels` (N,) or None (null class).
+
+    The prior runs `batch_size` samples at a time (0 = all; bf16 autocast on CUDA, head/CFG/filters in fp32); its
+    codes depend only on (seed, label). The decoder (fp32) runs fixed groups of `decode_batch` from the first sample:
+    conv kernels round differently for other batch shapes (~3e-6 on CPU, enough to flip a uint8 now and then)."""
+    n = len(seeds)
+    batch_size = batch_size or n
+    codes = torch.cat([
+        sample_codes(prior, None if labels is None else labels[i:i + batch_size], settings, seeds[i:i + batch_size],
+                     grid, tokenizer.quantizer.num_codes).cpu()
+        for i in range(0, n, batch_size)])  # (N, *grid)
+    tok_device = next(tokenizer.parameters()).device
+    return torch.cat([tokenizer.decode(codes[i:i + decode_batch].to(tok_device)).float().clamp(-1, 1).cpu()
+                      for i in range(0, n, decode_batch)])  # (N, C, *S)
+
+
+def chunks(plan: list[Item], batch_size: int, decode_batch: int) -> list[list[Item]]:
+    """The plan cut at multiples of decode_batch, so every decoder group holds the same samples for any batch_size."""
+    size = -(-max(batch_size, decode_batch) // decode_batch) * decode_batch
+    return [plan[i:i + size] for i in range(0, len(plan), size)]
+
+
+# ---------------------------------------------------------------------------------------- write
+def prepare_out(out: Path, overwrite: bool) -> None:
+    if (out / "manifest.json").exists() and not overwrite:
+        raise SamplesExist(f"{out}/manifest.json exists: {out} already holds samples; pass --overwrite=true or "
+                           f"choose another --out")
+    (out / "manifest.json").unlink(missing_ok=True)  # from here on, an interrupted run leaves no manifest
+    for old in (out / "media", out / "images", out / "grids"):  # images/: SAMPLES_VERSION 1's folder
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def item_path(item: Item, spec: MediaSpec) -> Path:
+    folder = Path("media") if item.name is None else Path("media") / class_dirname(item.name)
+    return folder / f"{item.index:06d}.{spec.extension}"
+
+
+def write_samples(out: Path, items: list[Item], x: torch.Tensor, spec: MediaSpec) -> list[dict]:
+    """One file per sample (x: (N, C, *S) in [-1, 1]) through the media registry's writer; their manifest records."""
+    records = []
+    for item, one in zip(items, x):
+        rel = item_path(item, spec)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out / rel, to_file_bytes(one, spec))
+        records.append({"path": rel.as_posix(), "label": -1 if item.label is None else item.label,
+                        "class": item.name, "seed": item.seed})
+    return records
+
+
+# ---------------------------------------------------------------------------------------- grids
+def write_grids(out: Path, shown: dict[str | None, list[torch.Tensor]], cfg: SampleConfig) -> None:
+    """shown: class name (None: unconditional) -> its first thumbnails. One grid per class and the overview (rows
+    = classes; unconditional --num: a square of the first samples)."""
+    for name, thumbs in shown.items():
+        if name is not None:
+            x = torch.stack(thumbs[:cfg.grid_per_class])
+            write_png(grid(x, math.ceil(math.sqrt(len(x)))), out / "grids" / f"{class_dirname(name)}.png")
+    if cfg.num > 0:
+        overview = grid(torch.stack(shown[None][:cfg.overview_cols ** 2]), cfg.overview_cols)
+    else:
+        overview = grid(torch.cat([torch.stack(v[:cfg.overview_cols]) for v in shown.values()]),
+                        min(cfg.overview_cols, cfg.num_per_class))
+    write_png(overview, out / "grid.png")
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(cfg: SampleConfig) -> dict:
+    device = resolve_device(cfg.device)
     prior, prior_ckpt, prior_config = load_prior(cfg.prior, device)
     tokenizer, tokenizer_ckpt = load_tokenizer(cfg.tokenizer, device)
     recorded = check_pair(prior, prior_config, prior_ckpt, tokenizer_ckpt)
-    grid, names = [int(g) for g in recorded["grid"]], list(recorded["class_names"])
-
-    # The plan: one (label, class name) per sample, in output order; sample i gets seed + i.
-    if cfg.num > 0:
-        plan = [(None, None)] * cfg.num
-    elif cfg.num_per_class < 1:
-        raise ValueError(f"--num_per_class must be >= 1 (got {cfg.num_per_class}), or pass --num=N")
-    elif not prior.conditional:  # one "class": the same settings serve labelled and unlabelled data (compare)
-        plan = [(None, None)] * cfg.num_per_class
-    else:
-        plan = [(c, names[c]) for c in resolve_classes(cfg.classes, names) for _ in range(cfg.num_per_class)]
-    seeds = [cfg.seed + i for i in range(len(plan))]
-    if not prior.conditional and cfg.settings.cfg_scale != 1.0:
-        # Guidance needs a class to move towards; the manifest records the scale actually used.
-        print(f"sample: {prior_ckpt} is unconditional, so cfg_scale={cfg.settings.cfg_scale} becomes 1 (no guidance)")
-        cfg.settings = dataclasses.replace(cfg.settings, cfg_scale=1.0)
-
+    spec, spec_source = media_spec(cfg.data, tokenizer_ckpt, recorded.get("source_manifest_sha256"))
+    grid_shape, names = [int(g) for g in recorded["grid"]], list(recorded["class_names"])
+    plan = make_plan(cfg, prior.conditional, names)
+    settings = guidance(cfg.settings, prior.conditional, prior_ckpt)
     out = Path(cfg.out)
-    if (out / "manifest.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out}/manifest.json exists: {out} already holds samples; pass --overwrite=true or "
-                              f"choose another --out")
-    (out / "manifest.json").unlink(missing_ok=True)  # from here on, an interrupted run leaves no manifest
-    for old in (out / "images", out / "grids"):
-        shutil.rmtree(old, ignore_errors=True)
+    prepare_out(out, cfg.overwrite)
 
-    records, shown = [], {}  # shown: class name (or None) -> first images, for the grids
-    per_class_index: dict[str | None, int] = {}
+    records, shown = [], {}  # shown: class name (or None) -> its first thumbnails, for the grids
     keep = max(cfg.grid_per_class, cfg.overview_cols if cfg.num == 0 else cfg.overview_cols ** 2)
-    # Chunks start at multiples of decode_batch, so every decoder group holds the same samples for any batch_size.
-    chunk_size = -(-max(cfg.batch_size, cfg.decode_batch) // cfg.decode_batch) * cfg.decode_batch
-    for start in range(0, len(plan), chunk_size):
-        chunk = plan[start:start + chunk_size]
-        labels = None if chunk[0][0] is None else torch.tensor([c for c, _ in chunk])
-        images = generate(prior, tokenizer, labels, cfg.settings, seeds[start:start + len(chunk)], grid,
-                          batch_size=cfg.batch_size, decode_batch=cfg.decode_batch)  # (n, 3, H, W) uint8
-        image_size = list(images.shape[-2:])  # (H, W)
-        for j, ((label, name), image) in enumerate(zip(chunk, images)):
-            index = per_class_index.get(name, 0)
-            per_class_index[name] = index + 1
-            rel = (Path("images") / f"{index:06d}.png" if name is None
-                   else Path("images") / class_dirname(name) / f"{index:06d}.png")
-            write_png(image, out / rel)
-            records.append({"path": rel.as_posix(), "label": -1 if label is None else label, "class": name,
-                            "seed": seeds[start + j]})
-            if index < keep:
-                shown.setdefault(name, []).append(image)
-
-    # Grids: one per class, and the overview (rows = classes; unconditional: a square of the first samples).
-    for name, firsts in shown.items():
-        if name is not None:
-            x = torch.stack(firsts[:cfg.grid_per_class])
-            write_png(tile(x, math.ceil(math.sqrt(len(x)))), out / "grids" / f"{class_dirname(name)}.png")
-    if cfg.num > 0:
-        overview = tile(torch.stack(shown[None][:cfg.overview_cols ** 2]), cfg.overview_cols)
-    else:
-        overview = tile(torch.cat([torch.stack(v[:cfg.overview_cols]) for v in shown.values()]),
-                        min(cfg.overview_cols, cfg.num_per_class))
-    write_png(overview, out / "grid.png")
+    for chunk in chunks(plan, cfg.batch_size, cfg.decode_batch):
+        labels = None if chunk[0].label is None else torch.tensor([item.label for item in chunk])
+        x = generate(prior, tokenizer, labels, settings, [item.seed for item in chunk], grid_shape,
+                     batch_size=cfg.batch_size, decode_batch=cfg.decode_batch)  # (n, C, *S) in [-1, 1]
+        records += write_samples(out, chunk, x, spec)
+        for item, thumb in zip(chunk, thumbnails(x, spec.modality)):
+            if item.index < keep:
+                shown.setdefault(item.name, []).append(thumb)
+    write_grids(out, shown, cfg)
 
     manifest = {
         "format": SAMPLES_FORMAT, "version": SAMPLES_VERSION,
         "prior": {**identity(prior_ckpt), "step": prior_config.get("step")},
         "tokenizer": identity(tokenizer_ckpt),
         "source_manifest_sha256": recorded.get("source_manifest_sha256"),  # the media the prior's tokens came from
-        "seed": cfg.seed, "settings": to_dict(cfg.settings), "count": len(records),
-        "conditional": plan[0][0] is not None, "num_per_class": cfg.num_per_class if cfg.num == 0 else 0,
-        "classes": [n for n in dict.fromkeys(name for _, name in plan) if n is not None],
-        "class_names": names, "image_size": image_size, "grid": grid,
+        "seed": cfg.seed, "settings": to_dict(settings), "count": len(records),
+        "conditional": plan[0].label is not None, "num_per_class": cfg.num_per_class if cfg.num == 0 else 0,
+        "classes": [n for n in dict.fromkeys(item.name for item in plan) if n is not None],
+        "class_names": names, "grid": grid_shape, "shape": list(x.shape[1:]),  # one sample: (C, *S)
+        "modality": spec.modality, "extension": spec.extension, "media": dataclasses.asdict(spec),
+        "media_from": spec_source,
         "device": str(device), "prior_precision": "bf16" if device.type == "cuda" else "fp32",
         "token_manifest": recorded,
-        "images": records,
+        "samples": records,
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {len(records)} samples to {out}/images, {out}/grid.png and {out}/manifest.json")
-    return {k: v for k, v in manifest.items() if k != "images"}  # the per-image list stays on disk
+    print(f"wrote {len(records)} samples to {out}/media, {out}/grid.png and {out}/manifest.json")
+    return {k: v for k, v in manifest.items() if k != "samples"}  # the per-sample list stays on disk
 
 
 if __name__ == "__main__":
-    main()
+    run(main, SampleConfig)

@@ -7,11 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data.shards import sha256_file, shard_name
+from data.files import sha256_file
+from data.media import to_uint8
+from data.shards import shard_name
 from data.tokens import TokenManifest, TokenSample, write_token_shard
 from pipelines import sample, train_prior
 from pipelines.checkpoint import checkpoint_hash, load_tokenizer, save_checkpoint
-from pipelines.config import to_dict
+from pipelines.config import parse_config, to_dict
 from prior import SampleSettings
 from tokenizer import TokenizerConfig, build_tokenizer
 
@@ -46,8 +48,9 @@ def make_pair(root, class_names):
                   grid=list(GRID), counts=counts, class_names=class_names, source_manifest_sha256="cd" * 32,
                   shards={"train": 1, "val": 1}).save(tokens)
     run = root / "prior"
-    train_prior.main([f"--tokens={tokens}", f"--out={run}", "--batch_size=8", "--model.size=tiny", "--loop.steps=3",
-                      "--loop.warmup_steps=0", "--loop.lr=1e-3"])
+    train_prior.main(parse_config(train_prior.TrainPriorConfig, [
+        f"--tokens={tokens}", f"--out={run}", "--batch_size=8", "--model.size=tiny", "--loop.steps=3",
+        "--loop.warmup_steps=0", "--loop.lr=1e-3"]))
     return tok, run
 
 
@@ -58,21 +61,25 @@ def pair(tmp_path_factory):
 
 def test_unconditional_prior_takes_num_per_class_without_guidance(tmp_path):
     tok, prior = make_pair(tmp_path / "u", [])
-    m = sample.main([f"--prior={prior}", f"--tokenizer={tok}", f"--out={tmp_path / 's'}", "--num_per_class=3",
-                     "--settings.cfg_scale=2"])
+    m = sample_main(f"--prior={prior}", f"--tokenizer={tok}", f"--out={tmp_path / 's'}", "--num_per_class=3",
+                    "--settings.cfg_scale=2")
     assert m["count"] == 3 and m["conditional"] is False and m["settings"]["cfg_scale"] == 1.0
-    assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 3
+    assert len(list((tmp_path / "s" / "media").glob("*.png"))) == 3
+
+
+def sample_main(*argv):
+    return sample.main(parse_config(sample.SampleConfig, list(argv)))
 
 
 def run_sample(pair, out, *extra):
     tok, prior = pair
-    return sample.main([f"--prior={prior}", f"--tokenizer={tok}", f"--out={out}", "--device=cpu", *extra])
+    return sample_main(f"--prior={prior}", f"--tokenizer={tok}", f"--out={out}", "--device=cpu", *extra)
 
 
 def pixels(out):
     """Every image the sample manifest lists, in its order."""
     manifest = json.loads((out / "manifest.json").read_text())
-    return np.stack([np.asarray(Image.open(out / r["path"])) for r in manifest["images"]])  # (N, H, W, 3)
+    return np.stack([np.asarray(Image.open(out / r["path"])) for r in manifest["samples"]])  # (N, H, W, 3)
 
 
 def test_end_to_end_files_grids_manifest(pair, tmp_path):
@@ -80,17 +87,21 @@ def test_end_to_end_files_grids_manifest(pair, tmp_path):
     manifest = run_sample(pair, out, "--num_per_class=3", "--batch_size=4", "--seed=7", "--settings.top_k=10",
                           "--settings.temperature=0.9")
     for name in CLASSES:
-        files = sorted((out / "images" / name).glob("*.png"))
+        files = sorted((out / "media" / name).glob("*.png"))
         assert [f.name for f in files] == ["000000.png", "000001.png", "000002.png"]
         with Image.open(files[0]) as im:
             assert im.size == (16, 16) and im.mode == "RGB"
         with Image.open(out / "grids" / f"{name}.png") as im:
-            assert im.size == (2 + 2 * 18, 2 + 2 * 18)  # ceil(sqrt(3)) = 2 columns of 16 px + 2 px borders
+            # ceil(sqrt(3)) = 2 columns of 16 px, upscaled x16 to reach MIN_WIDTH = 512, + 2 px borders
+            assert im.size == (2 + 2 * (16 * 16 + 2), 2 + 2 * (16 * 16 + 2))
+            first = np.asarray(im)[2:2 + 256, 2:2 + 256]  # the first sample, each pixel a 16x16 block (nearest)
+        assert np.array_equal(first, np.asarray(Image.open(files[0])).repeat(16, 0).repeat(16, 1))
     with Image.open(out / "grid.png") as im:
-        assert im.size == (2 + 3 * 18, 2 + 3 * 18)  # 3 class rows x 3 samples
+        assert im.size == (2 + 3 * (11 * 16 + 2), 2 + 3 * (11 * 16 + 2))  # 3 class rows x 3 samples, upscaled x11
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert manifest == {k: v for k, v in on_disk.items() if k != "images"}
-    assert manifest["count"] == 9 and manifest["seed"] == 7 and manifest["image_size"] == [16, 16]
+    assert manifest == {k: v for k, v in on_disk.items() if k != "samples"}
+    assert manifest["count"] == 9 and manifest["seed"] == 7 and manifest["shape"] == [3, 16, 16]
+    assert manifest["modality"] == "image" and manifest["extension"] == "png"
     assert manifest["settings"] == to_dict(SampleSettings(top_k=10, temperature=0.9))
     assert manifest["class_names"] == CLASSES and manifest["classes"] == CLASSES and manifest["grid"] == list(GRID)
     tok, prior = pair
@@ -98,9 +109,9 @@ def test_end_to_end_files_grids_manifest(pair, tmp_path):
     assert manifest["tokenizer"]["weights_sha256"] == manifest["token_manifest"]["tokenizer_sha256"]
     assert manifest["prior"]["checkpoint_sha256"] == checkpoint_hash(manifest["prior"]["path"])
     assert manifest["prior"]["step"] == 3 and manifest["source_manifest_sha256"] == "cd" * 32
-    assert [r["seed"] for r in on_disk["images"]] == list(range(7, 16))
-    assert [r["label"] for r in on_disk["images"]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert on_disk["images"][4]["path"] == "images/one/000001.png"
+    assert [r["seed"] for r in on_disk["samples"]] == list(range(7, 16))
+    assert [r["label"] for r in on_disk["samples"]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert on_disk["samples"][4]["path"] == "media/one/000001.png"
     with pytest.raises(FileExistsError, match="overwrite"):
         run_sample(pair, out, "--num_per_class=3")
 
@@ -127,14 +138,15 @@ def test_seeds_not_batch_size_decide_the_images(pair, tmp_path):
 
 def test_unconditional_and_generate(pair, tmp_path):
     m = run_sample(pair, tmp_path / "u", "--num=5", "--batch_size=2")
-    assert sorted(p.name for p in (tmp_path / "u" / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "u" / "media").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
     assert m["conditional"] is False and m["count"] == 5
-    # generate() is the reusable core: uint8 (N, 3, H, W), identical to the files written
+    # generate() is the reusable core: the decoder's output (N, 3, H, W) in [-1, 1], whose uint8 are the files
     tok, run = pair
     prior, _, _ = sample.load_prior(run)
     tokenizer, _ = load_tokenizer(tok)
-    images = sample.generate(prior, tokenizer, None, SampleSettings(), seeds=[0, 1, 2, 3, 4], grid=GRID)
-    assert images.dtype == torch.uint8 and images.shape == (5, 3, 16, 16)
+    x = sample.generate(prior, tokenizer, None, SampleSettings(), seeds=[0, 1, 2, 3, 4], grid=GRID)
+    assert x.dtype == torch.float32 and x.shape == (5, 3, 16, 16) and x.abs().max() <= 1
+    images = to_uint8(x)
     assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), pixels(tmp_path / "u"))
 
 
@@ -142,10 +154,10 @@ def test_refuses_a_foreign_tokenizer(pair, tmp_path):
     tok, run = pair
     other = make_tokenizer(tmp_path / "other", seed=1)  # same architecture and K, other weights
     with pytest.raises(sample.IncompatibleCheckpoints, match="tokenizer_sha256"):
-        sample.main([f"--prior={run}", f"--tokenizer={other}", f"--out={tmp_path / 'x'}"])
+        sample_main(f"--prior={run}", f"--tokenizer={other}", f"--out={tmp_path / 'x'}")
     small = make_tokenizer(tmp_path / "small", num_codes=32)
     with pytest.raises(sample.IncompatibleCheckpoints, match="num_codes: prior trained on 64, tokenizer has 32"):
-        sample.main([f"--prior={run}", f"--tokenizer={small}", f"--out={tmp_path / 'x'}"])
+        sample_main(f"--prior={run}", f"--tokenizer={small}", f"--out={tmp_path / 'x'}")
     assert not (tmp_path / "x").exists()
     # generate() alone checks code ids against the tokenizer's K before decoding
     prior, _, _ = sample.load_prior(run)
