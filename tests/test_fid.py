@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from data.media import to_uint8
 from pipelines.metrics.fid import (Extractor, FidelityConfig, as_uint8_images, compute_fidelity, extract_features,
-                           feature_statistics, frechet_distance, inception_extractor, metric_tag,
-                           registered_extractor, to_uint8, torch_fidelity_metrics)
+                                   feature_statistics, frechet_distance, inception_extractor, metric_tag,
+                                   registered_extractor, torch_fidelity_metrics)
 
 # ---------------------------------------------------------------------------------------------- Fréchet distance
 
@@ -226,8 +227,8 @@ def _digits(n):
 
 
 def test_digits_classifier_trains_saves_and_registers(tmp_path):
-    from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
-                                      train_domain_classifier)
+    from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier,
+                                              save_classifier, train_domain_classifier)
 
     images, labels = _digits(500)
     cfg = ClassifierConfig(epochs=4, width=8, feature_dim=32, batch_size=32, lr=5e-3)  # shrunk: a few seconds
