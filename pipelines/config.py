@@ -74,7 +74,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str):
             text = value.strip()
-            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -148,7 +148,13 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             # defaults), not the section class's bare defaults.
             v = merge_config(hints[k], to_dict(f.default_factory()), v)
         kwargs[k] = _convert(v, hints[k], prefix + k)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, KeyError) as e:  # a section's own check (__post_init__), e.g. an unknown size name
+        if isinstance(e, ConfigError):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) else e  # str(KeyError) quotes its message
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {message}") from None
 
 
 def to_dict(cfg: Any) -> dict:

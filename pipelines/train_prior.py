@@ -9,27 +9,42 @@ are filled from the token manifest; setting one that disagrees is an error, neve
 manifest's identity (tokenizer hash, quantizer, K, grid, class names) travels in the checkpoint under
 `train_config.token_manifest`, so `pipelines.sample` can refuse to decode this prior's codes with another tokenizer.
 
-Objective: next-code cross-entropy (teacher forcing behind a class prefix token), logged as train/loss and
-train/accuracy (top-1 per token); val/loss and val/accuracy over the val token split every loop.eval_every steps.
-AdamW (betas 0.9/0.95, weight decay 0.05 on matrices only) with linear warm-up and cosine decay, as LlamaGen trains
-its GPT priors (arXiv 2406.06525 §3).
+Objective: next-code cross-entropy (teacher forcing behind a class prefix token; prior.next_code_loss), logged as
+train/loss and train/accuracy (top-1 per token); val/loss and val/accuracy over the val token split every
+loop.eval_every steps. AdamW (betas 0.9/0.95, weight decay 0.05 on matrices only) with linear warm-up and cosine
+decay, as LlamaGen trains its GPT priors (arXiv 2406.06525 §3).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from data.errors import UserError
 from data.shards import ManifestError
 from data.tokens import ENCODE_HINT, TokenLoader, TokenManifest, TokenSet, load_tokens
-from pipelines.config import ConfigError, parse_config, to_dict
+from pipelines.cli import run
+from pipelines.config import ConfigError, to_dict
 from pipelines.trainer import LoopConfig, Trainer
-from prior import PriorConfig, build_prior, count_parameters
+from prior import PriorConfig, build_prior, count_parameters, next_code_loss
 
-# The PriorConfig fields the token manifest decides.
-FROM_MANIFEST = ("num_codes", "seq_len", "num_classes")
+# The PriorConfig fields the token manifest decides, and values that pass PriorConfig's checks until it does.
+FROM_MANIFEST = {"num_codes": 2, "seq_len": 1, "num_classes": 0}
+
+
+@dataclass
+class PriorModelSettings(PriorConfig):
+    """PriorConfig whose K, L and class count come from the token manifest (`fill_from_manifest`)."""
+    num_codes: int | None = None  # K; None = the token manifest's (a value that disagrees with it is an error)
+    seq_len: int | None = None  # L = prod(grid); None = the token manifest's
+    num_classes: int | None = None  # None = the token manifest's class count (0 = unconditional)
+
+    def __post_init__(self) -> None:
+        # Check every other setting now (a typo fails before the tokens are read); K, L, classes once filled.
+        unset = {k: v for k, v in FROM_MANIFEST.items() if getattr(self, k) is None}
+        PriorConfig(**{**asdict(self), **unset})
 
 
 @dataclass
@@ -41,7 +56,7 @@ class TrainPriorConfig:
     eval_batches: int = 0  # val batches per evaluation; 0 = the whole val split
     weight_decay: float = 0.05  # AdamW decay on weight matrices and embeddings; none on norms and biases
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas; beta2 0.95 keeps transformer training stable
-    model: PriorConfig = field(default_factory=PriorConfig)  # num_codes / seq_len / num_classes: from the manifest
+    model: PriorModelSettings = field(default_factory=PriorModelSettings)  # K / L / classes: from the manifest
     # No EMA by default: LlamaGen's priors train without one and the cosine decay already settles the weights;
     # turn it on with --loop.ema_decay=0.999 (evaluation and the exported weights then use the EMA copy).
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(
@@ -49,24 +64,15 @@ class TrainPriorConfig:
         eval_every=250, ckpt_every=500))
 
 
-def parse_with_manifest(argv: list[str] | None, base: dict | None) -> tuple[TrainPriorConfig, TokenManifest]:
-    """Parse the config with the manifest's K, L and class count as defaults, then refuse user values that differ.
-
-    The manifest values sit below the user's base dict, TOML file and --key=value, so a disagreeing value can
-    only come from the user.
-    """
-    first = parse_config(TrainPriorConfig, argv, base)
-    manifest = TokenManifest.load(first.tokens)
+def fill_from_manifest(cfg: TrainPriorConfig, manifest: TokenManifest) -> TrainPriorConfig:
+    """`cfg` with the model's K, L and class count from the token manifest; a value set that disagrees is an error."""
     filled = {"num_codes": manifest.num_codes, "seq_len": manifest.seq_len, "num_classes": len(manifest.class_names)}
-    base = dict(base or {})
-    base["model"] = {**filled, **base.get("model", {})}
-    cfg = parse_config(TrainPriorConfig, argv, base)
-    wrong = [f"model.{k}={getattr(cfg.model, k)} but the token manifest says {filled[k]}"
-             for k in FROM_MANIFEST if getattr(cfg.model, k) != filled[k]]
+    wrong = [f"model.{k}={getattr(cfg.model, k)} but the token manifest says {v}"
+             for k, v in filled.items() if getattr(cfg.model, k) not in (None, v)]
     if wrong:
-        raise ConfigError(f"{first.tokens}/manifest.json: " + "; ".join(wrong) + ". Leave these keys unset (they "
+        raise ConfigError(f"{cfg.tokens}/manifest.json: " + "; ".join(wrong) + ". Leave these keys unset (they "
                           "are filled from the token shards) or point --tokens at the shards they describe")
-    return cfg, manifest
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **filled))
 
 
 def check_labels(tokens: TokenSet, num_classes: int, where: str) -> None:
@@ -87,17 +93,9 @@ def adamw(model: torch.nn.Module, cfg: TrainPriorConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.loop.lr, betas=cfg.betas)
 
 
-def next_code_loss(logits: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, top-1 accuracy), as Prior.loss computes them. Training calls the prepared model's forward
-    and scores its logits here, because Prior.loss calls the inner module and would bypass DDP's gradient sync."""
-    B, L, K = logits.shape  # batch, code positions, codes
-    loss = F.cross_entropy(logits.reshape(B * L, K).float(), codes.reshape(B * L))
-    accuracy = (logits.argmax(dim=-1) == codes).float().mean()
-    return loss, accuracy
-
-
-def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, float]:
-    cfg, manifest = parse_with_manifest(argv, base)
+def main(cfg: TrainPriorConfig) -> dict[str, float]:
+    manifest = TokenManifest.load(cfg.tokens)
+    cfg = fill_from_manifest(cfg, manifest)
     # The run's identity of its inputs, recorded in every checkpoint's train_config: sampling checks it.
     token_manifest = {k: v for k, v in asdict(manifest).items() if k not in ("counts", "shards")}
     full_config = {**to_dict(cfg), "token_manifest": token_manifest}
@@ -123,8 +121,8 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
 
     epoch_len = len(loader(0, 0))
     if epoch_len == 0:
-        raise ValueError(f"{cfg.tokens}: {len(train_set.keys)} train sequences make no full batch of "
-                         f"{cfg.batch_size} x {acc.num_processes} processes; lower --batch_size")
+        raise UserError(f"--tokens={cfg.tokens}: {len(train_set.keys)} train sequences make no full batch of "
+                        f"{cfg.batch_size} x {acc.num_processes} processes; lower --batch_size")
 
     def batches(start: int):
         # A pure function of the micro-batch position: epoch order comes from (seed, epoch), so resume is exact.
@@ -133,23 +131,13 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
             yield from loader(epoch, skip)
             epoch, skip = epoch + 1, 0
 
+    def prior_losses(batch) -> dict[str, torch.Tensor]:
+        codes = batch.tokens.to(device)  # (B, L) int64
+        out = next_code_loss(model(codes, batch.labels.to(device) if conditional else None), codes)  # the DDP model
+        return {"train/loss": out.loss, "train/accuracy": out.accuracy}
+
     def train_step(micro, step: int) -> dict[str, float]:
-        logs = {"train/loss": 0.0, "train/accuracy": 0.0}
-        for i, batch in enumerate(micro):
-            codes = batch.tokens.to(device)  # (B, L) int64
-            labels = batch.labels.to(device) if conditional else None
-            with trainer.accumulating("prior", last=i == len(micro) - 1):
-                with trainer.autocast():
-                    logits = model(codes, labels)  # (B, L, K)
-                loss, accuracy = next_code_loss(logits, codes)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite prior loss at step {step}; lower --loop.lr or raise "
-                                             f"--loop.warmup_steps, then rerun with --loop.resume=true")
-                trainer.backward(loss)
-            logs["train/loss"] += float(loss.detach()) / len(micro)
-            logs["train/accuracy"] += float(accuracy) / len(micro)
-        logs.update(trainer.optimizer_step("prior"))
-        return logs
+        return trainer.step("prior", micro, prior_losses, weights={"train/loss": 1.0})
 
     def evaluate(step: int) -> dict[str, float]:
         net = trainer.eval_model().eval()  # eval mode: no label dropout, no dropout (fit() restores train mode)
@@ -161,7 +149,7 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
                 break
             codes = batch.tokens.to(device)
             with trainer.autocast():
-                out = net.loss(codes, batch.labels.to(device) if conditional else None)
+                out = next_code_loss(net(codes, batch.labels.to(device) if conditional else None), codes)
             n = codes.numel()
             sums += torch.tensor([float(out.loss) * n, float(out.accuracy) * n, n], dtype=torch.float64,
                                  device=device)
@@ -175,4 +163,4 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
 
 
 if __name__ == "__main__":
-    main()
+    run(main, TrainPriorConfig)

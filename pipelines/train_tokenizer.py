@@ -11,22 +11,22 @@ utilisation/perplexity over the steps since the last log line; evaluated on the 
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from data.shards import media_loader, read_manifest, resume_position
-from pipelines.config import parse_config, to_dict
+from data.media import MODALITIES
+from data.reader import media_loader, resume_position
+from data.shards import read_manifest
+from pipelines.cli import run
+from pipelines.config import ConfigError, to_dict
 from pipelines.lpips_weights import lpips_for_losses
-from pipelines.reconstruct import reconstruction_metrics
+from pipelines.metrics.reconstruction import reconstruction_metrics
 from pipelines.trainer import LoopConfig, Trainer
-from tokenizer import LossConfig, TokenizerConfig, TokenizerLosses, build_tokenizer, weighted_sum
-from tokenizer.quantizers import CodebookUsage
+from tokenizer import LossConfig, TokenizerConfig, TokenizerLosses, build_tokenizer, get_arch
+from tokenizer.quantizers import QUANTIZERS, CodebookUsage
 
 
 @dataclass
@@ -44,37 +44,44 @@ class TrainTokenizerConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=1e-4))
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Backpropagate through `module` without training it: the discriminator inside the generator's gan/g term.
-
-    Its weights stop requiring grad, so backward computes no gradient for them (it still flows through the module to
-    its input, x_hat): no wasted backward into D, and no gradient for DDP's hooks to all-reduce, which they did on
-    every generator micro-step, only for the result to be zeroed before D's own step. A DDP module also runs in
-    no_sync, so that DDP does not even prepare a gradient sync for this backward.
-    """
-    params = [p for p in module.parameters() if p.requires_grad]
-    no_sync = module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
-    with no_sync:
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+def check_names(model: TokenizerConfig) -> None:
+    """Registry names in the config (quantizer, arch, size) exist: a typo fails in one line, before anything runs."""
+    if model.quantizer not in QUANTIZERS:
+        raise ConfigError(f"--model.quantizer={model.quantizer!r} is unknown: choose one of {sorted(QUANTIZERS)}")
+    try:
+        get_arch(model.arch).latent_channels(model.size)
+    except KeyError as e:
+        raise ConfigError(f"--model.arch={model.arch!r} --model.size={model.size!r}: {e.args[0]}") from None
 
 
-def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, float]:
-    cfg = parse_config(TrainTokenizerConfig, argv, base)
+def check_media(cfg: TrainTokenizerConfig, modality: str) -> None:
+    """The model's dims and channels must be the shards' (an RGB tokenizer cannot train on mono audio)."""
+    m = MODALITIES[modality]
+    if (cfg.model.dims, cfg.model.in_channels) != (m.dims, m.channels):
+        raise ConfigError(f"--model.dims={cfg.model.dims} --model.in_channels={cfg.model.in_channels} but {cfg.data} "
+                          f"holds {modality} (dims {m.dims}, {m.channels} channels): set --model.dims={m.dims} "
+                          f"--model.in_channels={m.channels}")
+
+
+def build_losses(cfg: TrainTokenizerConfig) -> TokenizerLosses:
+    """The loss bundle; a setting it refuses (a loss name, LPIPS files, discriminator kinds) is a config error."""
+    try:
+        return TokenizerLosses(cfg.losses, in_channels=cfg.model.in_channels, dims=cfg.model.dims,
+                               lpips=lpips_for_losses(cfg.losses))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--losses: {e.args[0] if isinstance(e, KeyError) else e}") from None
+
+
+def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
+    check_names(cfg.model)
     manifest = read_manifest(cfg.data)
+    check_media(cfg, manifest.spec.modality)
     trainer = Trainer(cfg.loop, cfg.out, kind="tokenizer", model_config=to_dict(cfg.model), full_config=to_dict(cfg))
     device = trainer.device
 
     torch.manual_seed(cfg.loop.seed)  # the same initial weights (and frozen codebook) on every process
     model = build_tokenizer(cfg.model)
-    crit = TokenizerLosses(cfg.losses, in_channels=cfg.model.in_channels, dims=cfg.model.dims,
-                           lpips=lpips_for_losses(cfg.losses)).to(device)
+    crit = build_losses(cfg).to(device)
     g = trainer.add("g", model, torch.optim.Adam(model.parameters(), lr=cfg.loop.lr, betas=cfg.betas), ema=True)
     if crit.discriminator is not None:
         d_model = crit.discriminator
@@ -93,39 +100,22 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
 
     def train_step(micro, step: int) -> dict[str, float]:
         gan_on = crit.discriminator is not None and step >= cfg.disc_start
-        weights = dict(cfg.losses.weights)
-        if not gan_on:
-            weights["gan/g"] = 0.0
-        logs: dict[str, float] = {}
+        # D is in the generator's graph (gan/g, weighted 0 before disc_start; the trainer keeps it frozen there)
+        weights = {**cfg.losses.weights, **({} if gan_on else {"gan/g": 0.0})}
         x_hats = []
-        for i, batch in enumerate(micro):
+
+        def generator_losses(batch) -> dict[str, torch.Tensor]:
             x = batch.x.to(device)
-            # D is in this graph (gan/g, weighted 0 before disc_start) but learns only in its own step below
-            d_frozen = contextlib.nullcontext() if crit.discriminator is None else frozen(crit.discriminator)
-            with trainer.accumulating("g", last=i == len(micro) - 1), d_frozen:
-                with trainer.autocast():
-                    out = g(x)
-                    losses = {**out.losses, **crit.generator_losses(x, out.x_hat)}
-                loss = weighted_sum(losses, weights)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite generator loss at step {step}: "
-                                             f"{ {k: float(v) for k, v in losses.items()} }; lower loop.lr or add "
-                                             f"loop.warmup_steps / loop.grad_clip, then resume")
-                trainer.backward(loss)
+            out = g(x)
             usage.update(out.codes)
-            x_hats.append(out.x_hat.detach())
-            for k, v in losses.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / len(micro)
-        logs.update(trainer.optimizer_step("g"))
+            x_hats.append(out.x_hat.detach())  # the D step below judges these same reconstructions
+            return {**out.losses, **crit.generator_losses(x, out.x_hat)}
+
+        logs = trainer.step("g", micro, generator_losses, weights)
         if gan_on:
-            for i, (batch, x_hat) in enumerate(zip(micro, x_hats)):
-                with trainer.accumulating("d", last=i == len(micro) - 1):
-                    with trainer.autocast():
-                        d_losses = crit.discriminator_losses(batch.x.to(device), x_hat)
-                    trainer.backward(d_losses["gan/d"])
-                for k, v in d_losses.items():
-                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / len(micro)
-            logs.update(trainer.optimizer_step("d"))
+            fakes = iter(x_hats)
+            logs |= trainer.step("d", micro, lambda batch: crit.discriminator_losses(batch.x.to(device), next(fakes)),
+                                 {"gan/d": 1.0})
         if (step + 1) % cfg.loop.log_every == 0:
             counts = trainer.accelerator.reduce(usage.counts.clone(), "sum")
             window = CodebookUsage(cfg.model.num_codes)
@@ -138,7 +128,8 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
         loader = media_loader(cfg.data, "val", cfg.batch_size, train=False)
         return reconstruction_metrics(trainer.eval_model(), loader, device, trainer.accelerator,
                                       max_batches=cfg.eval_batches,
-                                      grid_path=Path(cfg.out) / f"recon-{step:07d}.png")
+                                      grid_path=Path(cfg.out) / f"recon-{step:07d}.png",
+                                      modality=manifest.spec.modality)
 
     final = trainer.fit(batches, train_step, evaluate)
     trainer.accelerator.print({k: round(v, 4) for k, v in final.items() if k.startswith("val/")})
@@ -146,4 +137,4 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> dict[str, f
 
 
 if __name__ == "__main__":
-    main()
+    run(main, TrainTokenizerConfig)

@@ -1,15 +1,23 @@
 """The one training-loop skeleton every stage uses: accelerate, gradient accumulation, clipping, LR warm-up and
 schedule, EMA, logging (TensorBoard + jsonl + tqdm), atomic checkpoints and exact resume.
 
-A stage supplies three things and keeps its own logic readable:
+A stage supplies its models, its data and, per model, a loss function; the trainer owns the step:
 
     trainer = Trainer(cfg.loop, run_dir, kind="tokenizer", model_config=to_dict(cfg.model), full_config=to_dict(cfg))
-    trainer.add("g", generator, optimizer, ema=True)      # the first model added is the one checkpoints export
+    g = trainer.add("g", generator, optimizer, ema=True)   # the first model added is the one checkpoints export
     trainer.add("d", discriminator, d_optimizer)
-    trainer.fit(batches=lambda start: ..., train_step=step_fn, evaluate=eval_fn)
 
-`train_step(micro_batches, step) -> dict[str, float]` runs forward/backward for each micro-batch inside
-`trainer.accumulating(name, last)` + `trainer.backward(loss)` and ends with `trainer.optimizer_step(name)`.
+    def train_step(micro_batches, step) -> dict[str, float]:
+        return trainer.step("g", micro_batches, lambda batch: {"recon/l1": ..., "vq/commit": ...},
+                            weights={"recon/l1": 1.0, "vq/commit": 1.0})
+    trainer.fit(batches=lambda start: ..., train_step=train_step, evaluate=eval_fn)
+
+`Trainer.step(name, micro_batches, loss_fn, weights)` is the whole optimisation protocol, written once: for each
+micro-batch, under autocast, `loss_fn(batch)` returns named scalar losses (DAC-style: the names are the config's
+weight keys and the logged keys); the total `sum(w * losses[k])` over `weights` must be finite, and its backward
+runs with DDP's gradient sync only on the last micro-batch; every other registered model is `frozen` meanwhile (a
+discriminator inside the generator's loss gets no gradient and no all-reduce). Then: clip, optimiser, LR scheduler,
+EMA. It returns the losses averaged over the micro-batches, plus `lr/<name>` and `grad_norm/<name>`.
 
 Resume is exact: every step reseeds torch/python RNGs from (seed, step, rank), the data stream is a pure function of
 (seed, position) (`batches(start_micro_batch)`), and the checkpoint holds raw + EMA weights, optimiser and scheduler
@@ -19,7 +27,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import random
@@ -27,14 +34,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from data.shards import write_text_atomic
+from data.files import write_text_atomic
+from data.errors import UserError
 from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_state, save_checkpoint
+from pipelines.ema import EMA
+from pipelines.train_log import Logger
+from tokenizer.losses import weighted_sum
 
 
 @dataclass
@@ -42,7 +54,7 @@ class LoopConfig:
     steps: int = 1000  # optimiser steps in the whole run
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 1e-4  # peak learning rate
-    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to min_lr_ratio after warm-up
     warmup_steps: int = 0  # linear LR warm-up; audio GAN training NaNs without it
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     grad_clip: float = 0.0  # max global grad norm per optimiser; 0 = off
@@ -52,57 +64,8 @@ class LoopConfig:
     ckpt_every: int = 200  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # everything random derives from this
-    mixed_precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; or no | bf16 | fp16
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     resume: bool = False  # continue from the newest checkpoint in the run directory
-
-
-class EMA:
-    """Exponential moving average of a model: the weights evaluation and export use.
-
-    The decay ramps as min(decay, (1 + n) / (10 + n)) so that short runs are not dominated by the initial weights.
-    What is averaged, module by module (each module's own parameters and buffers):
-      - floating-point parameters and buffers are averaged (lerp), buffers because some are learned state that moves
-        every step (EMA-VQ's codebook statistics, normalisation statistics): pairing an averaged encoder with the
-        latest codebook would mismatch them;
-      - buffers named in the module's `ema_constant_buffers` never change after construction and are left alone
-        (SimVQ's frozen codebook: copying it every step moved 134 MB at K = 262,144);
-      - buffers named in `ema_derived_buffers` are functions of the others: after averaging, the module's
-        `refresh_derived_buffers()` recomputes them on the EMA copy (EMA-VQ's embedding from embed_avg/cluster_size);
-      - non-floating-point buffers (counters such as BatchNorm's num_batches_tracked) are copied.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        averaged, averaged_src, copied, refresh = [], [], [], []
-        for ema_m, m in zip(self.module.modules(), model.modules()):
-            for p_ema, p in zip(ema_m.parameters(recurse=False), m.parameters(recurse=False)):
-                if p.is_floating_point():
-                    averaged.append(p_ema)
-                    averaged_src.append(p.detach())
-            skip = {*getattr(m, "ema_constant_buffers", ()), *getattr(m, "ema_derived_buffers", ())}
-            for (name, b_ema), b in zip(ema_m.named_buffers(recurse=False), m.buffers(recurse=False)):
-                if name in skip:
-                    continue
-                if b.is_floating_point():
-                    averaged.append(b_ema)
-                    averaged_src.append(b)
-                else:
-                    copied.append((b_ema, b))
-            if getattr(m, "ema_derived_buffers", ()):
-                refresh.append(ema_m)
-        if averaged:
-            torch._foreach_lerp_(averaged, averaged_src, 1.0 - d)
-        for b_ema, b in copied:
-            b_ema.copy_(b)
-        for ema_m in refresh:
-            ema_m.refresh_derived_buffers()
 
 
 def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
@@ -137,39 +100,25 @@ def seed_everything(seed: int, step: int, rank: int) -> None:
     random.seed(s)
 
 
-class Logger:
-    """jsonl + TensorBoard + tqdm, on the main process only."""
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Backpropagate through `module` without training it (the discriminator inside the generator's gan/g term).
 
-    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-        self.jsonl = open(run_dir / "log.jsonl", "a")
-        self.tb = SummaryWriter(str(run_dir / "tb"))
-        self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, mininterval=1.0)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
-        shown = [(k, v) for k, v in values.items() if not k.startswith(("lr/", "grad_norm/"))][:6]
-        short = {k: f"{v:.4g}" for k, v in shown}
-        self.bar.set_postfix(short, refresh=False)
-
-    def advance(self) -> None:
-        if self.enabled:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.close()
-            self.tb.close()
-            self.jsonl.close()
+    Its weights stop requiring grad, so backward computes no gradient for them (it still flows through the module to
+    its input): no wasted backward into it, and no gradient for DDP's hooks to all-reduce, which they did on every
+    generator micro-step, only for the result to be zeroed before the module's own step. A DDP module also runs in
+    no_sync, so that DDP does not even prepare a gradient sync for this backward.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    no_sync = module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
+    with no_sync:
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 class Trainer:
@@ -183,8 +132,7 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.ema: EMA | None = None
-        self.step = 0
-        self._active: str | None = None
+        self.global_step = 0  # optimiser steps taken (of the main model); `step` is the method that takes one
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.json", json.dumps(full_config, indent=2))
@@ -217,18 +165,33 @@ class Trainer:
         return self.accelerator.autocast()
 
     # ------------------------------------------------------------------ optimisation
-    @contextlib.contextmanager
-    def accumulating(self, name: str, last: bool):
-        """Wrap forward+backward of one micro-batch; gradients are all-reduced only on the last one."""
-        self._active = name
-        ctx = contextlib.nullcontext() if last else self.accelerator.no_sync(self.models[name])
-        with ctx:
-            yield
+    def step(self, name: str, micro_batches: Sequence[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]],
+             weights: Mapping[str, float]) -> dict[str, float]:
+        """One optimiser step of model `name` over `micro_batches`; returns the named losses averaged over them,
+        `grad_norm/<name>` (when clipping) and `lr/<name>`. See the module docstring for the protocol."""
+        model, n = self.models[name], len(micro_batches)
+        others = [m for other, m in self.models.items() if other != name]
+        logs: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
+            # DDP all-reduces gradients on the last micro-batch only; the other models only pass gradients through
+            sync = contextlib.nullcontext() if i == n - 1 else self.accelerator.no_sync(model)
+            with sync, contextlib.ExitStack() as stack:
+                for m in others:
+                    stack.enter_context(frozen(m))
+                with self.autocast():
+                    losses = loss_fn(batch)
+                total = weighted_sum(losses, weights)
+                if not torch.isfinite(total):
+                    values = {k: float(v.detach()) for k, v in losses.items()}
+                    raise FloatingPointError(f"non-finite {name} loss at step {self.global_step}: {values}; lower "
+                                             f"--loop.lr or add --loop.warmup_steps / --loop.grad_clip, then rerun "
+                                             f"with --loop.resume=true")
+                self.accelerator.backward(total / n)
+            for k, v in losses.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / n
+        return {**logs, **self._optimizer_step(name)}
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss / self.cfg.grad_accum)
-
-    def optimizer_step(self, name: str) -> dict[str, float]:
+    def _optimizer_step(self, name: str) -> dict[str, float]:
         model, opt = self.models[name], self.optimizers[name]
         logs = {}
         if self.cfg.grad_clip > 0:
@@ -252,14 +215,14 @@ class Trainer:
             weights["raw"] = self.unwrap(self.main).state_dict()
         for name in list(self.models)[1:]:
             weights[name] = self.unwrap(name).state_dict()
-        state = {"step": self.step, "ema_updates": self.ema.updates if self.ema else 0,
+        state = {"step": self.global_step, "ema_updates": self.ema.updates if self.ema else 0,
                  "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()}}
         if self.accelerator.scaler is not None:  # fp16: the loss scale and its growth counter, for an exact resume
             state["scaler"] = self.accelerator.scaler.state_dict()
         config = {"kind": self.kind, "config": self.model_config, "train_config": self.full_config,
-                  "step": self.step}
-        path = save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.step:09d}", config=config,
+                  "step": self.global_step}
+        path = save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.global_step:09d}", config=config,
                                weights=weights, state=state)
         old = sorted((self.run_dir / "checkpoints").glob("step-[0-9]*"))[:-self.cfg.keep_checkpoints]
         for p in old:
@@ -290,8 +253,8 @@ class Trainer:
         elif scaler is not None:
             self.accelerator.print(f"{ckpt} holds no fp16 loss-scaler state (saved by an older version or a non-fp16 "
                                    f"run): the loss scale starts again from its initial value")
-        self.step = state["step"]
-        self.accelerator.print(f"resumed from {ckpt} at step {self.step}")
+        self.global_step = state["step"]
+        self.accelerator.print(f"resumed from {ckpt} at step {self.global_step}")
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -302,33 +265,34 @@ class Trainer:
         if cfg.resume:
             self.resume()
         elif latest_checkpoint(self.run_dir) is not None:
-            raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --loop.resume=true to continue "
-                                  f"it, or choose another --out")
-        log = Logger(self.run_dir, self.accelerator.is_main_process, cfg.steps, self.step)
-        stream = batches(self.step * cfg.grad_accum)
+            raise UserError(f"--out={self.run_dir} already holds checkpoints: pass --loop.resume=true to continue "
+                            f"that run, or choose another --out")
+        log = Logger(self.run_dir, self.accelerator.is_main_process, cfg.steps, self.global_step)
+        stream = batches(self.global_step * cfg.grad_accum)
         last_logs: dict[str, float] = {}
         t0, steps_timed = time.perf_counter(), 0
         try:
-            while self.step < cfg.steps:
-                seed_everything(cfg.seed, self.step, self.accelerator.process_index)
+            while self.global_step < cfg.steps:
+                seed_everything(cfg.seed, self.global_step, self.accelerator.process_index)
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 for m in self.models.values():
                     m.train()
-                logs = train_step(micro, self.step)
-                self.step += 1
+                logs = train_step(micro, self.global_step)
+                self.global_step += 1
+                step, last = self.global_step, self.global_step == cfg.steps
                 steps_timed += 1
                 log.advance()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if step % cfg.log_every == 0 or last:
                     logs["steps_per_s"] = steps_timed / (time.perf_counter() - t0)
                     t0, steps_timed = time.perf_counter(), 0
-                    log.log(self.step, logs)
+                    log.log(step, logs)
                     last_logs = logs
-                if evaluate is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                if evaluate is not None and (step % cfg.eval_every == 0 or last):
                     with torch.no_grad():
-                        ev = evaluate(self.step)
-                    log.log(self.step, ev)
+                        ev = evaluate(step)
+                    log.log(step, ev)
                     last_logs = {**last_logs, **ev}
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                if step % cfg.ckpt_every == 0 or last:
                     self.save()
         finally:
             log.close()

@@ -1,6 +1,7 @@
 """Autoregressive prior over tokenizer codes (integers in [0, K)) and its sampling functions."""
 
-from prior.model import PRIOR_SIZES, KVCache, Prior, PriorConfig, PriorLoss, PriorSize, PriorStep, build_prior, count_parameters
+from prior.model import (PRIOR_SIZES, KVCache, Prior, PriorConfig, PriorLoss, PriorSize, PriorStep, build_prior,
+                         count_parameters, next_code_loss)
 from prior.sampling import CFG_SCHEDULES, SampleSettings, Sampled, decode, sample
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "build_prior",
     "count_parameters",
     "decode",
+    "next_code_loss",
     "sample",
 ]

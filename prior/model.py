@@ -14,14 +14,21 @@ the K code ids: a class or null id can never be sampled.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from x_transformers import Decoder, TransformerWrapper
-from x_transformers.x_transformers import Attention, FeedForward, Residual, apply_rotary_pos_emb
+
+with warnings.catch_warnings():
+    # The pinned x-transformers 2.31 decorates a helper with torch.jit.script at import, which torch 2.14 deprecates:
+    # a FutureWarning on every prior command that no user can act on (it turned a one-line error into three lines).
+    # Only that message is filtered, only during this import.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from x_transformers import Decoder, TransformerWrapper
+    from x_transformers.x_transformers import Attention, FeedForward, Residual, apply_rotary_pos_emb
 
 
 @dataclass(frozen=True)
@@ -242,8 +249,8 @@ class Prior(nn.Module):
         """Teacher forcing: codes (B, L) int in [0, K), labels (B,) or None -> logits (B, L, K).
 
         logits[:, i] is the prediction for codes[:, i] given the prefix and codes[:, :i]. This is the training path:
-        the head runs in the caller's autocast (bf16 on GPU, for speed; `loss` takes the cross-entropy in fp32),
-        unlike `step`, whose logits are sampled from.
+        the head runs in the caller's autocast (bf16 on GPU, for speed; `next_code_loss` takes the cross-entropy
+        in fp32), unlike `step`, whose logits are sampled from.
         """
         B, L = codes.shape  # batch, code positions
         if L > self.cfg.seq_len:
@@ -257,12 +264,15 @@ class Prior(nn.Module):
         tokens = torch.cat([self.prefix(labels, B), codes[:, :-1].to(torch.long)], dim=1)  # (B, L)
         return self.net(tokens)  # (B, L, K)
 
-    def loss(self, codes: Tensor, labels: Tensor | None = None) -> PriorLoss:
-        logits = self(codes, labels)  # (B, L, K)
-        targets = codes.to(torch.long)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*L, K) vs (B*L,)
-        accuracy = (logits.argmax(dim=-1) == targets).float().mean()
-        return PriorLoss(loss, accuracy)
+
+def next_code_loss(logits: Tensor, codes: Tensor) -> PriorLoss:
+    """The prior's objective, for training and evaluation alike: cross-entropy in fp32 of the teacher-forced logits
+    (B, L, K) = `prior(codes, labels)` against the codes (B, L), and top-1 accuracy per position. It takes logits, not
+    the model, so that training scores the forward of the DDP-wrapped model (whose backward syncs gradients)."""
+    targets = codes.to(torch.long)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*L, K) vs (B*L,)
+    accuracy = (logits.argmax(dim=-1) == targets).float().mean()
+    return PriorLoss(loss, accuracy)
 
 
 def build_prior(cfg: PriorConfig) -> Prior:

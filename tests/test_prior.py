@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prior import PRIOR_SIZES, KVCache, PriorConfig, build_prior
+from prior import PRIOR_SIZES, KVCache, PriorConfig, build_prior, next_code_loss
 
 K, L, C = 32, 16, 4  # codes, sequence length, classes
 
@@ -94,7 +94,7 @@ def test_unconditional_mode():
     assert prior.cfg.vocab_size == K + 1 and prior.cfg.null_id == K  # the start token
     codes, _ = structured_codes(2, torch.Generator().manual_seed(2))
     assert prior(codes).shape == (2, L, K)
-    out = prior.loss(codes)
+    out = next_code_loss(prior(codes), codes)
     assert math.isfinite(out.loss.item())
     with pytest.raises(ValueError, match="unconditional"):
         prior(codes, torch.zeros(2, dtype=torch.long))
@@ -119,7 +119,7 @@ def test_fifty_steps_lower_the_loss():
     losses, accs = [], []
     for step in range(50):
         idx = torch.randint(0, len(codes), (32,), generator=g)
-        out = prior.loss(codes[idx], labels[idx])
+        out = next_code_loss(prior(codes[idx], labels[idx]), codes[idx])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -11,7 +11,8 @@ from data.shards import shard_name
 from data.tokens import TokenManifest, TokenSample, write_token_shard
 from pipelines import train_prior
 from pipelines.checkpoint import latest_checkpoint, load_config
-from pipelines.config import ConfigError
+from data.errors import UserError
+from pipelines.config import ConfigError, parse_config
 
 K, GRID, CLASSES = 64, (4, 4), [str(c) for c in range(10)]
 TINY = ["--batch_size=16", "--model.size=tiny", "--loop.warmup_steps=5", "--loop.log_every=5"]
@@ -39,14 +40,18 @@ def tokens(tmp_path_factory):
     return write_tokens(tmp_path_factory.mktemp("tokens"))
 
 
+def train(argv, base=None):
+    return train_prior.main(parse_config(train_prior.TrainPriorConfig, argv, base))
+
+
 def read_log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_training_lowers_loss_and_records_manifest(tokens, tmp_path):
     run = tmp_path / "run"
-    final = train_prior.main(TINY + [f"--tokens={tokens}", f"--out={run}", "--loop.steps=50", "--loop.lr=1e-3",
-                                     "--loop.eval_every=25", "--loop.ckpt_every=50"])
+    final = train(TINY + [f"--tokens={tokens}", f"--out={run}", "--loop.steps=50", "--loop.lr=1e-3",
+                          "--loop.eval_every=25", "--loop.ckpt_every=50"])
     logs = [r for r in read_log(run) if "train/loss" in r]
     first, last = logs[0]["train/loss"], logs[-1]["train/loss"]
     assert first > 3.0 and last < 0.6 * first, (first, last)  # ln 64 = 4.16 at the start
@@ -70,9 +75,9 @@ def test_resume_matches_uninterrupted_run(tokens, tmp_path):
     # different schedule than the first 3 steps of a 6-step one. EMA on, so its state is covered by the resume too.
     common = TINY + [f"--tokens={tokens}", "--loop.lr_schedule=constant", "--loop.ema_decay=0.99",
                      "--loop.eval_every=1000", "--loop.ckpt_every=3", "--model.label_dropout=0.5"]
-    train_prior.main(common + [f"--out={tmp_path / 'a'}", "--loop.steps=6"])
-    train_prior.main(common + [f"--out={tmp_path / 'b'}", "--loop.steps=3"])  # "interrupted" after step 3
-    train_prior.main(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6", "--loop.resume=true"])
+    train(common + [f"--out={tmp_path / 'a'}", "--loop.steps=6"])
+    train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=3"])  # "interrupted" after step 3
+    train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6", "--loop.resume=true"])
     a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
     assert a.name == b.name == "step-000000006"
     for name in ("model", "raw"):
@@ -87,15 +92,19 @@ def test_resume_matches_uninterrupted_run(tokens, tmp_path):
 
 def test_manifest_decides_vocabulary(tokens, tmp_path):
     with pytest.raises(ConfigError, match=r"model.num_codes=128 but the token manifest says 64"):
-        train_prior.main(TINY + [f"--tokens={tokens}", f"--out={tmp_path / 'x'}", "--model.num_codes=128"])
+        train(TINY + [f"--tokens={tokens}", f"--out={tmp_path / 'x'}", "--model.num_codes=128"])
     with pytest.raises(ConfigError, match=r"model.seq_len=32 but the token manifest says 16"):
-        train_prior.main(TINY + [f"--tokens={tokens}", f"--out={tmp_path / 'x'}"], base={"model": {"seq_len": 32}})
+        train(TINY + [f"--tokens={tokens}", f"--out={tmp_path / 'x'}"], base={"model": {"seq_len": 32}})
+    with pytest.raises(ConfigError, match=r"model.num_classes=0 but the token manifest says 10"):
+        train(TINY + [f"--tokens={tokens}", f"--out={tmp_path / 'x'}", "--model.num_classes=0"])  # set, not unset
     assert not (tmp_path / "x").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match=r"model: unknown prior size 'huge'"):  # checked when parsed
+        parse_config(train_prior.TrainPriorConfig, ["--model.size=huge"])
     # agreeing values are fine
-    train_prior.main(TINY + [f"--tokens={tokens}", f"--out={tmp_path / 'y'}", "--model.num_codes=64",
-                             "--model.num_classes=10", "--loop.steps=1"])
+    train(TINY + [f"--tokens={tokens}", f"--out={tmp_path / 'y'}", "--model.num_codes=64",
+                  "--model.num_classes=10", "--loop.steps=1"])
 
 
 def test_missing_tokens_names_the_next_command(tmp_path):
-    with pytest.raises(Exception, match="encode_shards"):
-        train_prior.main([f"--tokens={tmp_path / 'nothing'}", f"--out={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="encode_shards"):
+        train([f"--tokens={tmp_path / 'nothing'}", f"--out={tmp_path / 'run'}"])

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.shards import media_loader
+from data.reader import media_loader
 from pipelines import reconstruct, train_tokenizer
 from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_tokenizer
-from pipelines.config import from_dict
+from data.errors import UserError
+from pipelines.config import from_dict, parse_config
 from pipelines.trainer import EMA
 from tokenizer import TokenizerConfig, build_tokenizer
 from tokenizer.quantizers import build_quantizer
@@ -17,14 +18,18 @@ TINY = ["--batch_size=16", "--model.size=tiny", "--model.num_codes=64", "--losse
         '--losses.weights={"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}', "--loop.lr=1e-3"]
 
 
+def train(argv):
+    return train_tokenizer.main(parse_config(train_tokenizer.TrainTokenizerConfig, argv))
+
+
 def read_log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_training_lowers_reconstruction_loss(digits_shards, tmp_path):
     run = tmp_path / "run"
-    train_tokenizer.main(TINY + [f"--data={digits_shards}", f"--out={run}", "--loop.steps=30", "--loop.log_every=5",
-                                 "--loop.eval_every=30", "--loop.ckpt_every=30", "--eval_batches=2"])
+    train(TINY + [f"--data={digits_shards}", f"--out={run}", "--loop.steps=30", "--loop.log_every=5",
+          "--loop.eval_every=30", "--loop.ckpt_every=30", "--eval_batches=2"])
     logs = [r for r in read_log(run) if "recon/l1" in r]
     first, last = logs[0]["recon/l1"], logs[-1]["recon/l1"]
     assert last < 0.8 * first, (first, last)
@@ -35,18 +40,19 @@ def test_training_lowers_reconstruction_loss(digits_shards, tmp_path):
     # the exported model rebuilds from its checkpoint alone, and reconstruct reports over the whole val split
     model, ckpt = load_tokenizer(run)
     assert ckpt == latest_checkpoint(run)
-    metrics = reconstruct.main([f"--tokenizer={run}", f"--data={digits_shards}", f"--out={tmp_path / 'recon'}"])
+    metrics = reconstruct.main(reconstruct.ReconstructConfig(tokenizer=str(run), data=str(digits_shards),
+                                                             out=str(tmp_path / "recon")))
     assert metrics["val/samples"] == json.loads((digits_shards / "manifest.json").read_text())["counts"]["val"]
     assert (tmp_path / "recon" / "recon.png").is_file()
 
 
 def test_resume_matches_uninterrupted_run(digits_shards, tmp_path):
     common = TINY + [f"--data={digits_shards}", "--loop.log_every=1", "--loop.eval_every=1000", "--loop.ckpt_every=3"]
-    train_tokenizer.main(common + [f"--out={tmp_path / 'a'}", "--loop.steps=6"])
-    train_tokenizer.main(common + [f"--out={tmp_path / 'b'}", "--loop.steps=3"])  # "interrupted" after step 3
-    with pytest.raises(FileExistsError, match="resume"):
-        train_tokenizer.main(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6"])
-    train_tokenizer.main(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6", "--loop.resume=true"])
+    train(common + [f"--out={tmp_path / 'a'}", "--loop.steps=6"])
+    train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=3"])  # "interrupted" after step 3
+    with pytest.raises(UserError, match="already holds checkpoints: pass --loop.resume=true"):
+        train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6"])
+    train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6", "--loop.resume=true"])
     a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
     assert a.name == b.name == "step-000000006"
     for name in ("model", "raw", "d"):
@@ -118,10 +124,10 @@ def test_ema_averages_changing_buffers_and_leaves_the_frozen_codebook_alone():
 def test_exported_ema_vq_reconstructs_at_least_as_well_as_raw(digits_shards, tmp_path):
     """The exported (EMA) EMA-VQ tokenizer averages its codebook over the same steps as its encoder and decoder."""
     run = tmp_path / "run"
-    train_tokenizer.main(["--batch_size=16", "--model.size=tiny", "--model.num_codes=64", "--model.quantizer=ema-vq",
-                          '--losses.weights={"recon/l1": 1.0, "vq/commit": 1.0}', "--loop.lr=1e-3",
-                          f"--data={digits_shards}", f"--out={run}", "--loop.steps=40", "--loop.log_every=40",
-                          "--loop.eval_every=1000", "--eval_batches=1"])
+    train(["--batch_size=16", "--model.size=tiny", "--model.num_codes=64", "--model.quantizer=ema-vq",
+          '--losses.weights={"recon/l1": 1.0, "vq/commit": 1.0}', "--loop.lr=1e-3",
+          f"--data={digits_shards}", f"--out={run}", "--loop.steps=40", "--loop.log_every=40",
+          "--loop.eval_every=1000", "--eval_batches=1"])
     config, weights = load_checkpoint(latest_checkpoint(run), names=("model", "raw"))
     models = {}
     for name in ("model", "raw"):
@@ -164,7 +170,7 @@ def test_fp16_loss_scaler_state_survives_resume(tmp_path):
         scaler.update()
     saved = scaler.state_dict()
     assert saved["scale"] == 512.0 and saved["_growth_tracker"] == 1
-    trainer.step = 1
+    trainer.global_step = 1
     trainer.save()
 
     resumed = trainer_with_scaler(resume=True)
@@ -178,17 +184,17 @@ def test_generator_step_leaves_no_gradient_on_the_discriminator(digits_shards, t
     also all-reduced on every generator micro-step."""
     from pipelines.trainer import Trainer
     seen = []
-    original = Trainer.optimizer_step
+    original = Trainer._optimizer_step
 
     def spy(self, name):
         if name == "g":
             seen.append([p.grad for p in self.unwrap("d").parameters()])
         return original(self, name)
 
-    monkeypatch.setattr(Trainer, "optimizer_step", spy)
-    train_tokenizer.main(TINY + [f"--data={digits_shards}", f"--out={tmp_path / 'run'}", "--loop.steps=2",
-                                 "--loop.grad_accum=2", "--batch_size=4", "--loop.log_every=1",
-                                 "--loop.eval_every=1000"])
+    monkeypatch.setattr(Trainer, "_optimizer_step", spy)
+    train(TINY + [f"--data={digits_shards}", f"--out={tmp_path / 'run'}", "--loop.steps=2",
+          "--loop.grad_accum=2", "--batch_size=4", "--loop.log_every=1",
+          "--loop.eval_every=1000"])
     assert len(seen) == 2 and all(g is None for grads in seen for g in grads)
 
 
@@ -196,6 +202,8 @@ def test_frozen_discriminator_is_not_all_reduced_under_ddp(tmp_path):
     """A one-process gloo group is enough for DDP's reducer: count its all-reduces with a comm hook."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pipelines.trainer import frozen
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
@@ -216,7 +224,7 @@ def test_frozen_discriminator_is_not_all_reduced_under_ddp(tmp_path):
         calls.clear(), d.zero_grad(set_to_none=True)
         x_hat.grad = None
         for _ in range(2):  # two generator micro-steps
-            with train_tokenizer.frozen(d):
+            with frozen(d):
                 (-d(x_hat).mean()).backward()
         assert calls == [] and all(p.grad is None for p in d.parameters())
         assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0  # the generator still gets its gradient
