@@ -16,10 +16,19 @@ from pipelines.config import parse_config
 T = TypeVar("T")
 
 
+def command_name(main: Callable) -> str:
+    """`pipelines.encode_shards` for the main of that module, also when it runs as `python -m` (as __main__)."""
+    module = getattr(main, "__module__", None) or "command"
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else sys.argv[0]
+    return module
+
+
 def run(main: Callable[[T], Any], cls: type[T], argv: list[str] | None = None) -> Any:
     try:
         return main(parse_config(cls, argv))
     except UserError as e:
-        prog = getattr(main, "__module__", "") or "command"
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, even when a message was built from several
+        print(f"{command_name(main)}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

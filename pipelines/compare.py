@@ -7,25 +7,28 @@ For each preset `<quantizer>-<K>` it runs train_tokenizer -> encode_shards -> tr
 into `<out>/<preset>/`, then writes `<out>/report.md` with one table (utilisation, PSNR, SSIM, rFID, gFID, KID,
 precision/recall, prior loss, wall time per stage), plots against K and the reconstruction and sample grids side by
 side. Per-stage settings come from the TOML tables [tokenizer], [encode], [prior], [sample], [evaluate] (any key the
-stage takes, nested tables for nested sections), shared by every preset.
+stage takes, nested tables for nested sections), shared by every preset: each becomes that stage's config dataclass
+(`stage_config`) and the stage runs as `stage.main(cfg)`.
 
-Finished stages are reused: each stage leaves `<stage>.done.json` with the exact arguments it ran with; a rerun
-skips it when they are unchanged, resumes an interrupted training run, and refuses when they changed (delete the
-stage directory or pick another --out).
+Finished stages are reused: each stage leaves `<stage>.done.json` with the exact config it ran with; a rerun skips
+it when that config is unchanged, resumes an interrupted training run, and refuses when it changed (delete the stage
+directory or pick another --out).
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from data.shards import write_text_atomic
+from data.errors import UserError
+from data.files import write_text_atomic
 from pipelines import encode_shards, evaluate, sample, train_prior, train_tokenizer
-from pipelines.config import parse_config
+from pipelines.cli import run
+from pipelines.config import ConfigError, from_dict, merge_config, to_dict
 from tokenizer.quantizers import QUANTIZERS
 
 
@@ -33,7 +36,7 @@ from tokenizer.quantizers import QUANTIZERS
 class CompareConfig:
     data: str = "runs/digits/shards"  # labelled media shards (python -m pipelines.make_shards)
     out: str = "runs/compare"  # one sub-directory per preset, plus report.md and plots
-    presets: str = "simvq-1024,simvq-8192,simvq-65536,vq-8192"  # comma list of <quantizer>-<K>
+    presets: tuple[str, ...] = ("simvq-1024", "simvq-8192", "simvq-65536", "vq-8192")  # <quantizer>-<K> each
     title: str = "Tokenizer impact report"  # report heading
     tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.train_tokenizer
     encode: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.encode_shards
@@ -42,61 +45,60 @@ class CompareConfig:
     evaluate: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.evaluate
 
 
-def to_argv(overrides: dict[str, Any], cls: type, prefix: str = "") -> list[str]:
-    """Stage overrides -> that stage's `--key=value` arguments, for the stage config class `cls`:
-    {"loop": {"steps": 5}, "losses": {"weights": {"recon/l1": 1}}} -> ["--loop.steps=5",
-    '--losses.weights={"recon/l1": 1}']. Tables of nested sections become dotted keys; a dict-typed field's table
-    travels whole as JSON, so it replaces the stage's default dict exactly as the TOML table says."""
-    hints = typing.get_type_hints(cls)
-    argv = []
-    for k, v in overrides.items():
-        tp = hints.get(k)
-        if isinstance(v, dict) and tp is not None and dataclasses.is_dataclass(tp):
-            argv += to_argv(v, tp, f"{prefix}{k}.")
-        elif isinstance(v, (dict, list, tuple, bool)) or v is None:
-            argv.append(f"--{prefix}{k}={json.dumps(v)}")
-        else:
-            argv.append(f"--{prefix}{k}={v}")
-    return argv
+class StageChanged(UserError, RuntimeError):
+    """A finished stage directory made with other settings than this run asks for."""
 
 
-STAGE_CONFIGS = {"tokenizer": train_tokenizer.TrainTokenizerConfig, "encode": encode_shards.EncodeShardsConfig,
-                 "prior": train_prior.TrainPriorConfig, "sample": sample.SampleConfig,
-                 "evaluate": evaluate.EvaluateConfig}
+STAGES = {"tokenizer": (train_tokenizer, train_tokenizer.TrainTokenizerConfig),
+          "encode": (encode_shards, encode_shards.EncodeShardsConfig),
+          "prior": (train_prior, train_prior.TrainPriorConfig),
+          "sample": (sample, sample.SampleConfig),
+          "evaluate": (evaluate, evaluate.EvaluateConfig)}
 
 
-def stage_argv(cfg: CompareConfig, stage: str) -> list[str]:
-    """The [stage] table of the compare config as that stage's arguments."""
-    return to_argv(getattr(cfg, stage), STAGE_CONFIGS[stage])
+def stage_config(cfg: CompareConfig, stage: str, **fixed: Any) -> Any:
+    """The stage's config dataclass: `fixed` (paths, the preset's quantizer and K; nested sections as dicts) with the
+    compare config's [stage] table on top, merged as a TOML file would be (a partial section keeps the stage's other
+    defaults; a dict-typed setting such as losses.weights is replaced whole)."""
+    cls = STAGES[stage][1]
+    return from_dict(cls, merge_config(cls, fixed, getattr(cfg, stage)))
 
 
 def parse_preset(name: str) -> tuple[str, int]:
     quantizer, _, k = name.rpartition("-")
     if quantizer not in QUANTIZERS or not k.isdigit():
-        raise ValueError(f"preset {name!r} is not <quantizer>-<K> with a quantizer in {sorted(QUANTIZERS)}")
+        raise ConfigError(f"--presets: {name!r} is not <quantizer>-<K> with a quantizer in {sorted(QUANTIZERS)}")
     return quantizer, int(k)
 
 
-def run_stage(name: str, stage_dir: Path, fn: Callable[[list[str]], Any], argv: list[str],
-              resumable: bool) -> tuple[Any, float]:
+def call_main(fn: Callable[..., Any], stage_cfg: Any) -> Any:
+    if next(iter(inspect.signature(fn).parameters)) == "cfg":
+        return fn(stage_cfg)
+    return fn([], base=to_dict(stage_cfg))  # a stage still on main(argv, base) (issue 9): the same config as its base
+
+
+def run_stage(stage: str, stage_dir: Path, stage_cfg: Any) -> tuple[Any, float]:
     """Run (or reuse) one stage; returns (its result, wall seconds of the run that made it)."""
     done = stage_dir.with_name(stage_dir.name + ".done.json")
+    config = to_dict(stage_cfg)
     if done.is_file():
         record = json.loads(done.read_text())
-        if record["argv"] == argv:
+        if record.get("config") == config:
             print(f"[compare] {stage_dir}: done, reused")
             return record["result"], record["seconds"]
-        raise RuntimeError(f"{stage_dir} was made with other settings ({done}); delete {stage_dir} and {done} "
+        raise StageChanged(f"{stage_dir} was made with other settings ({done}); delete {stage_dir} and {done} "
                            f"to redo it, or use another --out")
-    run_argv = argv + (["--loop.resume=true"] if resumable and (stage_dir / "checkpoints").is_dir() else [])
-    print(f"[compare] {name}: {' '.join(run_argv)}", flush=True)
+    if hasattr(stage_cfg, "loop") and (stage_dir / "checkpoints").is_dir():  # an interrupted training run
+        stage_cfg = dataclasses.replace(stage_cfg, loop=dataclasses.replace(stage_cfg.loop, resume=True))
+    module = STAGES[stage][0]
+    print(f"[compare] {module.__name__} -> {stage_dir}: {json.dumps(config)}", flush=True)
     t0 = time.perf_counter()
-    result = fn(run_argv)
+    result = call_main(module.main, stage_cfg)
     seconds = time.perf_counter() - t0
     if dataclasses.is_dataclass(result):
         result = dataclasses.asdict(result)
     result = json.loads(json.dumps(result, default=str))
-    write_text_atomic(done, json.dumps({"argv": argv, "result": result, "seconds": seconds}, indent=2))
+    write_text_atomic(done, json.dumps({"config": config, "result": result, "seconds": seconds}, indent=2))
     return result, seconds
 
 
@@ -106,24 +108,19 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
     tok_dir, tokens_dir, prior_dir = root / "tokenizer", root / "tokens", root / "prior"
     samples_dir, eval_dir = root / "samples", root / "eval"
     row: dict[str, Any] = {"preset": preset, "quantizer": quantizer, "K": k, "seconds": {}}
-
-    argv = [f"--data={cfg.data}", f"--out={tok_dir}", f"--model.quantizer={quantizer}", f"--model.num_codes={k}"]
-    _, row["seconds"]["tokenizer"] = run_stage("train_tokenizer", tok_dir, train_tokenizer.main,
-                                               argv + stage_argv(cfg, "tokenizer"), resumable=True)
-    argv = [f"--data={cfg.data}", f"--tokenizer={tok_dir}", f"--out={tokens_dir}"]
-    _, row["seconds"]["encode"] = run_stage("encode_shards", tokens_dir, encode_shards.main,
-                                            argv + stage_argv(cfg, "encode"), resumable=False)
-    argv = [f"--tokens={tokens_dir}", f"--out={prior_dir}"]
-    prior_result, row["seconds"]["prior"] = run_stage("train_prior", prior_dir, train_prior.main,
-                                                      argv + stage_argv(cfg, "prior"), resumable=True)
-    argv = [f"--prior={prior_dir}", f"--tokenizer={tok_dir}", f"--out={samples_dir}"]
-    _, row["seconds"]["sample"] = run_stage("sample", samples_dir, sample.main, argv + stage_argv(cfg, "sample"),
-                                            resumable=False)
-    argv = [f"--data={cfg.data}", f"--tokenizer={tok_dir}", f"--samples={samples_dir}", f"--out={eval_dir}"]
-    metrics, row["seconds"]["evaluate"] = run_stage("evaluate", eval_dir, evaluate.main,
-                                                    argv + stage_argv(cfg, "evaluate"), resumable=False)
-    row["metrics"] = {**metrics, **{f"prior/{k2}": v for k2, v in (prior_result or {}).items()
-                                    if k2.startswith("val/")}}
+    stages = {  # stage -> (its directory, the settings compare decides)
+        "tokenizer": (tok_dir, dict(data=cfg.data, out=str(tok_dir), model={"quantizer": quantizer, "num_codes": k})),
+        "encode": (tokens_dir, dict(data=cfg.data, tokenizer=str(tok_dir), out=str(tokens_dir))),
+        "prior": (prior_dir, dict(tokens=str(tokens_dir), out=str(prior_dir))),
+        "sample": (samples_dir, dict(prior=str(prior_dir), tokenizer=str(tok_dir), out=str(samples_dir))),
+        "evaluate": (eval_dir, dict(data=cfg.data, tokenizer=str(tok_dir), samples=str(samples_dir),
+                                    out=str(eval_dir))),
+    }
+    results = {}
+    for stage, (directory, fixed) in stages.items():
+        results[stage], row["seconds"][stage] = run_stage(stage, directory, stage_config(cfg, stage, **fixed))
+    row["metrics"] = {**results["evaluate"], **{f"prior/{k2}": v for k2, v in (results["prior"] or {}).items()
+                                                if k2.startswith("val/")}}
     row["grids"] = {"recon": str((eval_dir / "recon.png").relative_to(cfg.out)),
                     "samples": str((samples_dir / "grid.png").relative_to(cfg.out))}
     return row
@@ -217,16 +214,16 @@ def plot_against_k(rows: list[dict], out: Path) -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None, base: dict | None = None) -> Path:
-    cfg = parse_config(CompareConfig, argv, base)
-    presets = [p.strip() for p in cfg.presets.split(",") if p.strip()]
-    for p in presets:
-        parse_preset(p)  # fail before hours of training, not after
-    rows = [run_preset(cfg, p) for p in presets]
+def main(cfg: CompareConfig) -> Path:
+    for p in cfg.presets:  # a typo in a preset or a [stage] table fails before hours of training, not after
+        parse_preset(p)
+    for stage in STAGES:
+        stage_config(cfg, stage)
+    rows = [run_preset(cfg, p) for p in cfg.presets]
     report = write_report(cfg, rows)
     print(f"[compare] report: {report}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run(main, CompareConfig)

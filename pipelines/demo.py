@@ -24,13 +24,13 @@ from data.builtin import open_source
 from data.media import MediaSpec
 from data.shards import MANIFEST, write_media_shards
 from pipelines import compare
-from pipelines.config import parse_config
+from pipelines.cli import run
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"  # everything the demo writes
-    presets: str = "simvq-1024"  # tokenizers to train and compare, <quantizer>-<K>
+    presets: tuple[str, ...] = ("simvq-1024",)  # tokenizers to train and compare, <quantizer>-<K> each
     tokenizer_steps: int = 400  # tokenizer optimiser steps (batch 64)
     prior_steps: int = 500  # prior optimiser steps (batch 64); 1,620 sequences of 16 tokens are memorised by 800
     prior_dropout: float = 0.2  # measured val loss 3.90 (dropout 0.2, 400 steps) vs 5.54 (no dropout, 800 steps)
@@ -63,17 +63,16 @@ def stage_overrides(cfg: DemoConfig) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(DemoConfig, argv)
+def main(cfg: DemoConfig) -> Path:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     shards = out / "shards"
     if not (shards / MANIFEST).is_file():
         write_media_shards(open_source("digits", "image", 16, 0, 0, "auto"), shards,
                            MediaSpec(modality="image", size=16))
-    report = compare.main([f"--data={shards}", f"--out={out}", f"--presets={cfg.presets}",
-                           "--title=SimVQ demo: digits, 16x16, class-conditional"],
-                          base=stage_overrides(cfg))
+    report = compare.main(compare.CompareConfig(data=str(shards), out=str(out), presets=cfg.presets,
+                                                title="SimVQ demo: digits, 16x16, class-conditional",
+                                                **stage_overrides(cfg)))
     rows = json.loads((out / "report.json").read_text())
     print(f"\n{'preset':<14}" + "".join(f"{label:>22}" for label, _ in COLUMNS))
     for r in rows:
@@ -97,5 +96,6 @@ def cell(metrics: dict, keys: tuple[str, str | None]) -> str:
         return "–"
     return f"{metrics[key]:.4g}" + (f" ({metrics[count]:,.0f})" if count and count in metrics else "")
 
+
 if __name__ == "__main__":
-    main()
+    run(main, DemoConfig)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from data.builtin import BUILTIN_SOURCES, open_source
+from data.errors import MediaError, UserError
 from data.media import MediaSpec
 from data.shards import MediaManifest, write_media_shards
-from pipelines.config import parse_config
+from pipelines.cli import run
 
 DEFAULT_SIZE = {"digits": 16, "photos": 32}  # built-ins render small so the CPU demo stays quick
 FOLDER_DEFAULT_SIZE = 128  # the paper's ImageNet resolution
@@ -45,18 +46,23 @@ class MakeShardsConfig:
     overwrite: bool = False  # replace an existing shard directory
 
 
-def main(argv: list[str] | None = None, base: dict | None = None) -> MediaManifest:
-    cfg = parse_config(MakeShardsConfig, argv, base)
+def main(cfg: MakeShardsConfig) -> MediaManifest:
     size = cfg.size or DEFAULT_SIZE.get(cfg.source, FOLDER_DEFAULT_SIZE)
     spec = MediaSpec(modality=cfg.modality, size=size, resize=cfg.resize, sample_rate=cfg.sample_rate,
                      clip_seconds=cfg.clip_seconds)
-    source = open_source(cfg.source, cfg.modality, size, cfg.count, cfg.seed, cfg.labels)
+    try:  # a missing or empty folder, --labels or --modality that do not fit it: the user's to fix
+        source = open_source(cfg.source, cfg.modality, size, cfg.count, cfg.seed, cfg.labels)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"--source={cfg.source}: {e}") from None
     name = cfg.source if cfg.source in BUILTIN_SOURCES else Path(cfg.source).resolve().name
     out = Path(cfg.out or f"runs/shards/{name}")
     print(f"make_shards: {len(source.items)} {cfg.modality} items from {source.name} -> {out}")
-    manifest = write_media_shards(source, out, spec, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                                  shuffle_seed=cfg.shuffle_seed, max_count=cfg.shard_max_count,
-                                  max_bytes=cfg.shard_max_mb << 20, overwrite=cfg.overwrite)
+    try:  # an --out that already holds shards; a source with no readable file at all
+        manifest = write_media_shards(source, out, spec, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                                      shuffle_seed=cfg.shuffle_seed, max_count=cfg.shard_max_count,
+                                      max_bytes=cfg.shard_max_mb << 20, overwrite=cfg.overwrite)
+    except (FileExistsError, MediaError) as e:
+        raise UserError(str(e)) from None
     print(f"make_shards: wrote {manifest.counts} samples in {manifest.shards} shards, "
           f"{len(manifest.class_names)} classes ({len(manifest.dropped_classes)} dropped), "
           f"{len(manifest.skipped)} skipped -> {out / 'manifest.json'}")
@@ -64,4 +70,4 @@ def main(argv: list[str] | None = None, base: dict | None = None) -> MediaManife
 
 
 if __name__ == "__main__":
-    main()
+    run(main, MakeShardsConfig)

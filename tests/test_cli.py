@@ -34,3 +34,32 @@ def test_user_error_is_one_line_and_status_2(capsys, tmp_path):
     assert e.value.code == 2 and "unknown config key pth" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # a bug is not caught
         run(main, Cfg, ["--bug"])
+
+
+def test_stage_commands_report_user_errors_in_one_line(tmp_path):
+    """Real stages as a person runs them: each mistake exits with status 2 and one line naming the input."""
+    import os
+    import subprocess
+    import sys
+    empty, a_file = tmp_path / "empty", tmp_path / "a_file.txt"
+    empty.mkdir()
+    a_file.write_text("not a folder")
+    cases = {  # argv -> what the one line must name
+        ("pipelines.encode_shards", f"--data={empty}", f"--tokenizer={tmp_path}", f"--out={tmp_path / 'tokens'}"):
+            str(empty),
+        ("pipelines.train_prior", f"--tokens={tmp_path / 'no_tokens'}", f"--out={tmp_path / 'prior'}"):
+            str(tmp_path / "no_tokens"),
+        ("pipelines.train_tokenizer", "--loop.stepz=5"): "loop.stepz",
+        ("pipelines.train_tokenizer", f"--data={a_file}", f"--out={tmp_path / 'tok'}"): str(a_file),
+        ("pipelines.train_tokenizer", f"--data={empty}", "--model.quantizer=simvqq"): "simvqq",
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {argv: subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env) for argv in cases}
+    for argv, named in cases.items():
+        _, err = procs[argv].communicate(timeout=300)
+        assert procs[argv].returncode == 2, (argv, err)
+        assert "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: error: ") and named in lines[0], (argv, err)
+    assert not (tmp_path / "tokens").exists() and not (tmp_path / "prior").exists()  # refused before writing

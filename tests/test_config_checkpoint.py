@@ -120,7 +120,7 @@ def test_alias_maps_a_short_flag_to_a_nested_key():
 def test_shipped_config_files_parse():
     from pathlib import Path
 
-    from pipelines.compare import CompareConfig, stage_argv
+    from pipelines.compare import CompareConfig, stage_config
     from pipelines.train_prior import TrainPriorConfig
     from pipelines.train_tokenizer import TrainTokenizerConfig
     root = Path(__file__).parent.parent / "configs"
@@ -129,10 +129,14 @@ def test_shipped_config_files_parse():
     prior = parse_config(TrainPriorConfig, ["--config", str(root / "prior_b.toml")])
     assert prior.model.size == "gpt-b" and prior.loop.lr_schedule == "cosine"
     cmp = parse_config(CompareConfig, ["--config", str(root / "compare_digits.toml")])
-    # every stage table becomes arguments its stage accepts
-    tok_digits = parse_config(TrainTokenizerConfig, stage_argv(cmp, "tokenizer"))
+    # every stage table becomes its stage's config, under what compare decides (paths, the preset)
+    tok_digits = stage_config(cmp, "tokenizer", out="x", model={"quantizer": "vq", "num_codes": 256})
+    assert isinstance(tok_digits, TrainTokenizerConfig) and tok_digits.out == "x"
     assert tok_digits.losses.weights == {"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}
-    assert parse_config(TrainPriorConfig, stage_argv(cmp, "prior")).model.dropout == 0.2
+    assert tok_digits.model.quantizer == "vq" and tok_digits.model.num_codes == 256
+    assert tok_digits.model.size == TrainTokenizerConfig().model.size  # a partial table keeps the other defaults
+    assert stage_config(cmp, "prior").model.dropout == 0.2
+    assert cmp.presets == ("simvq-256", "simvq-1024", "simvq-4096", "vq-256", "vq-1024", "vq-4096")
 
 
 def test_dict_field_replaces_the_default_whole_from_every_source(tmp_path):
