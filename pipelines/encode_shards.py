@@ -40,7 +40,9 @@ from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, iter_sh
                          read_manifest)
 from data.tokens import PendingShard, TokenManifest, TokenSample, pending_token_shards, write_token_shard
 from pipelines.checkpoint import load_config, load_tokenizer, weights_sha256
-from pipelines.config import ConfigError, parse_config, to_dict
+from pipelines.cli import run
+from pipelines.config import ConfigError, to_dict
+from pipelines.device import resolve_device
 
 IDENTITY = "encode.json"  # written at the start of a run: what the shards in this directory are made from
 
@@ -51,7 +53,7 @@ class EncodeShardsConfig:
     tokenizer: str = "runs/digits/tokenizer"  # tokenizer checkpoint, or run directory (its newest checkpoint)
     out: str = "runs/digits/tokens"  # token shard directory
     batch_size: int = 256  # samples per encoder forward
-    splits: str = "train,val"  # comma-separated subset of train,val
+    splits: tuple[Literal["train", "val"], ...] = ("train", "val")  # which splits to encode (--splits=val)
     device: str = "auto"  # auto (the accelerator's device: cuda:<local rank> or cpu) | cpu | cuda
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # encoder autocast; auto = bf16 on CUDA only (the
     # nearest-code search stays fp32 inside the quantizer; bf16 on CPU is slower than fp32)
@@ -131,7 +133,7 @@ def count_samples(path: Path) -> int:
         return sum(1 for m in tar if m.isfile() and m.name.endswith(".cls"))
 
 
-def finish(out: Path, data: Path, splits: list[str], media: MediaManifest, identity: dict[str, str],
+def finish(out: Path, data: Path, splits: tuple[str, ...], media: MediaManifest, identity: dict[str, str],
            quantizer: str, num_codes: int, grid: tuple[int, ...], cfg: EncodeShardsConfig) -> TokenManifest:
     """Check that every split is complete (same shards as the media, same sample count) and write the manifest."""
     counts, shards = {}, {}
@@ -158,19 +160,16 @@ def finish(out: Path, data: Path, splits: list[str], media: MediaManifest, ident
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> TokenManifest:
-    cfg = parse_config(EncodeShardsConfig, argv)
-    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
-    if not splits or any(s not in SPLITS for s in splits):
-        raise ConfigError(f"--splits={cfg.splits!r}: give a comma-separated subset of {','.join(SPLITS)}")
+def main(cfg: EncodeShardsConfig) -> TokenManifest:
+    splits = cfg.splits
+    if not splits:
+        raise ConfigError(f"--splits is empty: give a subset of {','.join(SPLITS)}")
     data, out = Path(cfg.data), Path(cfg.out)
     # The Accelerator gives ranks and barriers only. cpu=True on a machine without CUDA, else accelerate ignores
     # LOCAL_RANK/WORLD_SIZE there and every launched process would think it is the only one. The device and the
     # autocast are chosen here, so --device=cpu also works in a process whose accelerate state points at a GPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", accelerator.local_process_index)
+    device = resolve_device(cfg.device, accelerator.local_process_index)
     autocast = {"auto": device.type == "cuda", "bf16": True, "no": False}[cfg.mixed_precision]
 
     # setup: media manifest, tokenizer, and the identity the output directory must match
@@ -226,4 +225,4 @@ def main(argv: list[str] | None = None) -> TokenManifest:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, EncodeShardsConfig)

@@ -16,10 +16,9 @@ from data.media import MediaSpec
 from data.reader import media_loader
 from data.shards import ManifestError, iter_shard_samples, list_shards, read_manifest, write_media_shards
 from data.tokens import TokenManifest, load_tokens
-from pipelines.checkpoint import weights_sha256
 from pipelines import encode_shards
-from pipelines.checkpoint import save_checkpoint
-from pipelines.config import to_dict
+from pipelines.checkpoint import save_checkpoint, weights_sha256
+from pipelines.config import ConfigError, parse_config, to_dict
 from tokenizer import TokenizerConfig, build_tokenizer
 
 SIZE = 16  # digits side; the tiny net downsamples by 4 -> a 4x4 grid
@@ -43,8 +42,8 @@ def make_media(out, count: int, val_fraction: float = 0.25):
 
 
 def encode(media, tok, out, *extra):
-    return encode_shards.main([f"--data={media}", f"--tokenizer={tok}", f"--out={out}", "--batch_size=8",
-                               "--device=cpu", *extra])
+    return encode_shards.main(parse_config(encode_shards.EncodeShardsConfig, [
+        f"--data={media}", f"--tokenizer={tok}", f"--out={out}", "--batch_size=8", "--device=cpu", *extra]))
 
 
 def reference_codes(model, media) -> dict[str, tuple[list[int], int]]:
@@ -186,7 +185,7 @@ def test_splits_and_bad_config(setup, tmp_path):
     assert list(manifest.counts) == ["val"] and not list_shards(out, "train")
     manifest = encode(media, root / "run", out)  # adding train later keeps the val shards
     assert manifest.counts == read_manifest(media).counts
-    with pytest.raises(ValueError, match="--splits"):
+    with pytest.raises(ConfigError, match="splits: 'test' is not one of"):
         encode(media, root / "run", out, "--splits=test")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         encode(media, tmp_path / "nothing", out)

@@ -13,14 +13,15 @@ import torch
 from PIL import Image
 
 from data.builtin import folder, photos
-from data.errors import MediaError
+from data.errors import MediaError, UserError
 from data.files import TEMP_MARK
 from data.image import to_rgb
 from data.media import MediaSpec, decode, normalise
 from data.reader import media_loader, resume_position
 from data.shards import (ManifestError, assign_split, iter_shard_samples, list_shards, read_manifest,
                          write_media_shards)
-from pipelines.make_shards import main
+from pipelines import make_shards
+from pipelines.config import parse_config
 
 RNG = np.random.default_rng(0)
 quiet = lambda msg: None  # noqa: E731
@@ -270,6 +271,9 @@ def test_random_crop_moves_along_the_long_side(tmp_path):
     assert len(crops) > 3 and decode(stored, spec, None).shape == (3, 8, 8)
 
 
+def make_shards_main(*argv: str):
+    return make_shards.main(parse_config(make_shards.MakeShardsConfig, list(argv)))
+
 def test_audio_is_a_preset_of_the_same_code(tmp_path):
     src = tmp_path / "wavs"
     src.mkdir()
@@ -278,8 +282,8 @@ def test_audio_is_a_preset_of_the_same_code(tmp_path):
         stereo = np.stack([np.sin(2 * np.pi * freq * t)] * 2, axis=1) * 0.5  # (T, 2) at 16 kHz
         soundfile.write(src / f"tone{i}.wav", stereo, 16_000)
     (src / "bad.wav").write_bytes(b"RIFF nope")
-    manifest = main([f"--source={src}", f"--out={tmp_path / 'out'}", "--modality=audio", "--sample_rate=8000",
-                     "--clip_seconds=0.5", "--val_fraction=0"])
+    manifest = make_shards_main(f"--source={src}", f"--out={tmp_path / 'out'}", "--modality=audio",
+                                "--sample_rate=8000", "--clip_seconds=0.5", "--val_fraction=0")
     assert manifest.counts == {"train": 3, "val": 0} and len(manifest.skipped) == 1 and manifest.class_names == []
     stored = next(iter_shard_samples(list_shards(tmp_path / "out", "train")[0]))[1]["wav"]
     wav, rate = soundfile.read(io.BytesIO(stored))
@@ -293,10 +297,10 @@ def test_audio_is_a_preset_of_the_same_code(tmp_path):
 
 
 def test_cli_digits_defaults(tmp_path):
-    manifest = main(["--source=digits", f"--out={tmp_path / 'd'}", "--shard_max_count=2000"])
+    manifest = make_shards_main("--source=digits", f"--out={tmp_path / 'd'}", "--shard_max_count=2000")
     assert manifest.class_names == [str(i) for i in range(10)] and sum(manifest.counts.values()) == 1_797
     assert manifest.spec.size == 16 and 100 < manifest.counts["val"] < 260
     batch = next(iter(media_loader(tmp_path / "d", "val", batch_size=5, train=False)))
     assert batch.x.shape == (5, 3, 16, 16) and batch.labels.min() >= 0
-    with pytest.raises(FileExistsError, match="--overwrite=true"):
-        main(["--source=digits", f"--out={tmp_path / 'd'}"])
+    with pytest.raises(UserError, match="--overwrite=true"):
+        make_shards_main("--source=digits", f"--out={tmp_path / 'd'}")
