@@ -135,7 +135,8 @@ def test_resume_after_interruption(setup, tmp_path, monkeypatch):
         load_tokens(out, "train")
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
 
-    (out / f".{Path(calls[2]).stem}{TEMP_MARK}99999.tar").write_bytes(b"garbage from a SIGKILLed writer")  # removed, never read
+    killed = out / f".{Path(calls[2]).stem}{TEMP_MARK}99999.tar"  # a SIGKILLed writer's temp file: removed, never read
+    killed.write_bytes(b"garbage")
     encode(media, root / "run", out)
     assert {n: (out / n).stat().st_ino for n in kept} == {n: ino for n, (ino, _) in kept.items()}  # not re-encoded
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == {n: t for n, (_, t) in kept.items()}
