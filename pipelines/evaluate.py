@@ -60,7 +60,7 @@ class EvaluateConfig:
     tokenizer: str = ""  # tokenizer checkpoint/run dir for reconstruction metrics; "" = skip them
     samples: str = ""  # output dir of pipelines.sample for generation metrics; "" = skip them
     out: str = "runs/digits/eval"  # metrics.json, recon.png
-    extractors: str = "domain,inception"  # feature extractors: domain (classifier), inception
+    extractors: tuple[str, ...] = ("domain", "inception")  # feature extractors: domain (classifier), inception
     domain_name: str = "digits"  # tag of the domain extractor's metrics: fid_<domain_name>
     classifier: str = ""  # domain classifier checkpoint; "" = <fidelity.cache_dir>/classifier-<data + settings hash>
     inception_weights: str = weights.DEFAULT_INCEPTION_PATH  # torch-fidelity FID Inception weights file
@@ -77,6 +77,7 @@ class EvaluateConfig:
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
 
+# ---------------------------------------------------------------------------------------------- feature extractors
 def domain_classifier(cfg: EvaluateConfig, data_sha: str) -> Path:
     """The dataset's classifier checkpoint, trained on its labelled train split on first use.
 
@@ -117,7 +118,7 @@ def inception(cfg: EvaluateConfig, notes: list[str]) -> Extractor | None:
 
 def extractors(cfg: EvaluateConfig, data_sha: str, labelled: bool, notes: list[str]) -> list[Extractor]:
     out = []
-    for name in [e.strip() for e in cfg.extractors.split(",") if e.strip()]:
+    for name in cfg.extractors:
         if name == "domain":
             if not labelled:
                 notes.append("domain extractor skipped: the dataset is unlabelled")
@@ -129,6 +130,16 @@ def extractors(cfg: EvaluateConfig, data_sha: str, labelled: bool, notes: list[s
         else:
             raise ConfigError(f"unknown extractor {name!r} in --extractors; choose from domain, inception")
     return out
+
+
+def image_extractors(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, notes: list[str]) -> list[Extractor]:
+    """The feature extractors of --extractors; none (and a note) when the data are not images."""
+    if data.spec.modality in FIDELITY_MODALITIES:
+        return extractors(cfg, data_sha, bool(data.class_names), notes)
+    if cfg.extractors:
+        notes.append(f"FID/KID/precision/recall skipped: their feature extractors ({', '.join(cfg.extractors)}) take "
+                     f"images, the data is {data.spec.modality}")
+    return []
 
 
 def limit(cfg: EvaluateConfig, e: Extractor) -> int | None:
@@ -261,16 +272,7 @@ def new_record(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, exts: li
     return record
 
 
-def image_extractors(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, notes: list[str]) -> list[Extractor]:
-    """The feature extractors of --extractors; none (and a note) when the data are not images."""
-    if data.spec.modality in FIDELITY_MODALITIES:
-        return extractors(cfg, data_sha, bool(data.class_names), notes)
-    if cfg.extractors.strip(","):
-        notes.append(f"FID/KID/precision/recall skipped: their feature extractors ({cfg.extractors}) take images, "
-                     f"the data is {data.spec.modality}")
-    return []
-
-
+# ---------------------------------------------------------------------------------------------- main
 def main(cfg: EvaluateConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     cfg.fidelity.cuda = device.type == "cuda"

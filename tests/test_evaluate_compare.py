@@ -243,7 +243,7 @@ def test_missing_inception_weights_are_built_from_the_local_wheel(tmp_path, monk
     monkeypatch.setattr(weights, "convert_inception_from_wheel", convert)
     target = tmp_path / "inception.pth"
     notes = []
-    exts = evaluate.extractors(evaluate.EvaluateConfig(extractors="inception", inception_weights=str(target)),
+    exts = evaluate.extractors(evaluate.EvaluateConfig(extractors=("inception",), inception_weights=str(target)),
                                "data-sha", True, notes)
     assert [e.tag for e in exts] == ["inception"] and exts[0].weights_path == str(target)
     # the settings `python -m pipelines.weights inception` converts with
@@ -255,7 +255,7 @@ def test_no_inception_wheel_names_the_command_that_fixes_it(tmp_path, monkeypatc
     monkeypatch.setenv("SIMVQ_WHEEL_CACHE", str(tmp_path / "empty"))
     target = tmp_path / "inception.pth"
     notes = []
-    cfg = evaluate.EvaluateConfig(extractors="inception", inception_weights=str(target))
+    cfg = evaluate.EvaluateConfig(extractors=("inception",), inception_weights=str(target))
     assert evaluate.extractors(cfg, "data-sha", True, notes) == []
     assert f"fix: `python -m pipelines.weights inception --out={target}`" in notes[0]
     cfg.require_inception = True
