@@ -141,17 +141,13 @@ def class_dirname(name: str) -> str:
 
 def resolve_classes(wanted: list[str], names: list[str]) -> list[int]:
     """Class indices for names (or integer indices) in `wanted`; empty = all classes."""
-    if not wanted:
-        return list(range(len(names)))
-    out = []
-    for w in wanted:
+    def index(w: str) -> int:
         if w in names:
-            out.append(names.index(w))
-        elif w.lstrip("-").isdigit() and 0 <= int(w) < len(names):
-            out.append(int(w))
-        else:
-            raise ConfigError(f"--classes: {w!r} is neither a class name nor an index of {names}")
-    return out
+            return names.index(w)
+        if w.lstrip("-").isdigit() and 0 <= int(w) < len(names):
+            return int(w)
+        raise ConfigError(f"--classes: {w!r} is neither a class name nor an index of {names}")
+    return [index(w) for w in wanted] if wanted else list(range(len(names)))
 
 
 def make_plan(cfg: SampleConfig, conditional: bool, names: list[str]) -> list[Item]:
