@@ -5,23 +5,22 @@
     <ckpt>/<name>.safetensors further weight sets (raw generator weights, discriminator, ...) for resuming
     <ckpt>/state.pt           optimiser / step / RNG state, read back with torch.load(weights_only=True)
 
-A checkpoint is written into `<ckpt>.tmp-<pid>` and renamed into place, so an interrupted write never leaves a half
-checkpoint where a reader (or --resume) would find it; the previous checkpoint stays loadable. Nothing here unpickles
-arbitrary objects: weights are safetensors and the state file is restricted to tensors and plain containers.
+A checkpoint is written into a temp directory and renamed into place (data.files.atomic_path), so an interrupted
+write never leaves a half checkpoint where a reader (or --resume) would find it; the previous checkpoint stays
+loadable. Nothing here unpickles arbitrary objects: weights are safetensors and the state file is restricted to
+tensors and plain containers.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.files import sha256_file
+from data.files import atomic_path, sha256_file
 
 CHECKPOINT_VERSION = 1
 
@@ -37,22 +36,14 @@ def save_checkpoint(path: str | Path, *, config: dict, weights: dict[str, dict[s
     path = Path(path)
     if "model" not in weights:
         raise ValueError("save_checkpoint needs weights['model'] (the weights to use)")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, sd in weights.items():
-        save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"))
-    meta = {"checkpoint_version": CHECKPOINT_VERSION, **config}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if state is not None:
-        torch.save(state, tmp / "state.pt")
-    # Replace an existing checkpoint of the same name: move it aside first so a crash between the two renames
-    # still leaves one complete copy on disk.
-    old = path.with_name(f"{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(path) as tmp:  # replaces an existing checkpoint of the same name, one copy always on disk
+        tmp.mkdir(parents=True)
+        for name, sd in weights.items():
+            save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"))
+        meta = {"checkpoint_version": CHECKPOINT_VERSION, **config}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if state is not None:
+            torch.save(state, tmp / "state.pt")
     return path
 
 
