@@ -5,41 +5,34 @@
 
 Times, for z (N, D) and codebook c (K, D), the bare product z @ c^T, the augmented single GEMM
 [z, 1] @ [-2c, ||c||^2]^T (inner dim D+1, and padded to D+8), and addmm(||c||^2, z, c^T, alpha=-2), each alone and
-followed by the argmin, and checks that they pick the same codes. Mean of --repeats runs after one warm-up.
+followed by the argmin, and checks that they pick the same codes. Mean of --repeats runs after one warm-up
+(benchmarks.timer).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
+
+from benchmarks.timer import time_call
+from pipelines.device import resolve_device
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=65536)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    dev, n, k, d = args.device, args.n, args.k, args.d
+    dev, n, k, d = resolve_device(args.device), args.n, args.k, args.d
     torch.manual_seed(0)
     z, cb = torch.randn(n, d, device=dev), torch.randn(k, d, device=dev)
 
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
     def timed(f) -> float:
-        f()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            f()
-        sync()
-        return (time.perf_counter() - t0) / args.repeats * 1e3
+        return time_call(f, dev, repeats=args.repeats, warmup=1).mean * 1e3
 
     sq = cb.pow(2).sum(1)  # (K,)
     aug = torch.cat([cb * -2, sq[:, None]], 1)  # (K, D+1)
@@ -56,7 +49,7 @@ def main() -> None:
         "addmm(||c||^2, z, c^T, alpha=-2)": lambda: torch.addmm(sq, z, cb.T, alpha=-2),
     }
     print(f"command: python -m benchmarks.distance_variants {' '.join(sys.argv[1:])}")
-    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, N={n:,} K={k:,} D={d}, "
           f"tf32 {torch.backends.cuda.matmul.allow_tf32}\n")
     print("| distance formulation | GEMM | GEMM + argmin |\n|---|---|---|")

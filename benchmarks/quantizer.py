@@ -3,20 +3,22 @@
     python -m benchmarks.quantizer                      # K=65,536, D=128, N=4,096; sweep to K=1,048,576 at N=16,384
     python -m benchmarks.quantizer --device cuda --sweep-n 16384
 
-Each measurement: median wall time over --repeats runs after a warm-up, and peak memory of that run (CUDA: the
-allocator's peak; CPU: peak RSS growth of a fresh subprocess, so one case cannot hide inside another's peak).
+Each measurement: median wall time over --repeats runs after a warm-up (benchmarks.timer), and peak memory of those
+runs (CUDA: the allocator's peak above what was allocated before them; CPU: peak RSS growth of a fresh subprocess, so
+one case cannot hide inside another's peak).
 Prints a markdown table ready for docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from benchmarks.timer import time_call
+from pipelines.device import resolve_device
 
 
 def make_case(name: str, k: int, d: int, n: int, device: str):
@@ -48,34 +50,20 @@ def make_case(name: str, k: int, d: int, n: int, device: str):
     raise ValueError(name)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(name: str, k: int, d: int, n: int, device: str, repeats: int) -> dict:
     step, params = make_case(name, k, d, n, device)
-    step()  # warm-up (allocations, kernels)
-    sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
+
+    def clear_grads() -> None:
         for p in params:
             p.grad = None
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else None
-    return {"case": name, "K": k, "D": d, "N": n, "median_s": statistics.median(times), "peak_bytes": peak}
+
+    t = time_call(step, device, repeats=repeats, warmup=1, before=clear_grads)
+    return {"case": name, "K": k, "D": d, "N": n, "median_s": t.median, "peak_bytes": t.added_bytes}
 
 
 def measure_isolated(name, k, d, n, device, repeats) -> dict:
     """CPU: run in a fresh process and report its peak RSS over the idle process's, so cases don't share a peak."""
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         return measure(name, k, d, n, device, repeats)
     code = ("import json,resource,sys; from benchmarks.quantizer import measure;"
             "import torch; base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
@@ -97,7 +85,7 @@ def fmt(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     ap.add_argument("--k", type=int, default=65536)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--n", type=int, default=4096)
@@ -106,8 +94,10 @@ def main() -> None:
     ap.add_argument("--sweep-k", default="65536,262144,1048576")
     ap.add_argument("--sweep-repeats", type=int, default=1)
     args = ap.parse_args()
+    args.device = str(resolve_device(args.device))
+    cuda = args.device.startswith("cuda")
     print(f"command: python -m benchmarks.quantizer {' '.join(sys.argv[1:])}")
-    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
+    print(f"device: {args.device} ({torch.cuda.get_device_name(args.device) if cuda else 'cpu'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("\n| case | K | N | median fwd+bwd | peak memory |\n|---|---|---|---|---|")
     res = {c: measure_isolated(c, args.k, args.d, args.n, args.device, args.repeats)

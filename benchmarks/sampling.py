@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+
+from benchmarks.timer import time_rows
 
 try:
     from prior import PRIOR_SIZES, PriorConfig, SampleSettings, build_prior, count_parameters, sample
@@ -39,25 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row; the best is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     return parser.parse_args(argv)
-
-
-def timed(rows: dict[str, Callable[[], torch.Tensor]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Best wall time per row over `repeats` rounds after a warm-up round.
-
-    Rows take turns within each round, so a burst of load on a shared machine hits them all alike.
-    """
-    best = {name: float("inf") for name in rows}
-    for round_ in range(repeats + 1):
-        for name, fn in rows.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_ > 0:  # round 0 warms up kernels and allocators
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main(args: argparse.Namespace) -> None:
@@ -97,7 +79,8 @@ def main(args: argparse.Namespace) -> None:
         "x-transformers generate (kv cache)": run_xt,
         "ours, kv cache, CFG 1.5 (batch doubled)": run_ours(use_cache=True, cfg_scale=1.5),
     }
-    seconds = timed(rows, device, args.repeats)
+    # best wall time per row over --repeats rounds after a warm-up round; rows take turns within each round
+    seconds = {name: t.best for name, t in time_rows(rows, device, args.repeats, warmup=1).items()}
 
     params = count_parameters(prior) / 1e6
     gpu = f" ({torch.cuda.get_device_name(device)}, bf16 autocast)" if device.type == "cuda" else ""

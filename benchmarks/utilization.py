@@ -10,9 +10,9 @@ tokenizer for a fixed number of steps. Only `model.quantizer` and `model.num_cod
 LPIPS losses are off (weights 0) to save CPU time: the generator loss is recon/l1 + vq/commit only.
 
 Utilisation (codes used at least once / K), perplexity and PSNR come from the training stage's own final evaluation
-(`pipelines.reconstruct.reconstruction_metrics`): one pass over the whole val split with the EMA weights. A val split
-of N images on a g x g token grid holds N * g * g tokens, so utilisation cannot exceed min(1, N * g * g / K); the
-table prints that bound ("max possible") next to each measurement.
+(`pipelines.metrics.reconstruction.reconstruction_metrics`): one pass over the whole val split with the EMA
+weights. A val split of N images on a g x g token grid holds N * g * g tokens, so utilisation cannot exceed
+min(1, N * g * g / K); the table prints that bound ("max possible") next to each measurement.
 """
 from __future__ import annotations
 
@@ -53,13 +53,15 @@ def train_argv(args, shard_dir: Path, run_dir: Path, quantizer: str, k: int) -> 
 
 
 def run_one(args, shard_dir: Path, quantizer: str, k: int, tokens_per_image: int) -> dict:
+    from benchmarks.timer import time_call
     from pipelines import train_tokenizer
+    from pipelines.config import parse_config
 
     run_dir = Path(args.out) / "runs" / f"{quantizer}-K{k}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a scratch run: the trainer refuses a directory with checkpoints
-    t0 = time.perf_counter()
-    final = train_tokenizer.main(train_argv(args, shard_dir, run_dir, quantizer, k))
-    seconds = time.perf_counter() - t0
+    cfg = parse_config(train_tokenizer.TrainTokenizerConfig, train_argv(args, shard_dir, run_dir, quantizer, k))
+    run = time_call(lambda: train_tokenizer.main(cfg))  # one whole training run
+    final, seconds = run.result, run.best
     val_tokens = int(final["val/samples"]) * tokens_per_image
     return {"quantizer": quantizer, "K": k, "utilisation": final["val/utilisation"],
             "max_possible": min(1.0, val_tokens / k), "used": k - int(final["val/dead_codes"]),
@@ -188,9 +190,9 @@ def report(command: str, setting: str, wall: float, threads: int, table: str, ro
             f"wall time {wall / 60:.1f} min (torch with {threads} thread(s); per-run seconds are noisy on a shared "
             f"CPU).\n\n{table}\n\n{figure}"
             f"Utilisation = codes used at least once / K over one pass of the whole val split ({val_tokens:,} tokens), "
-            f"with the EMA weights, as `pipelines.reconstruct.reconstruction_metrics` computes it for the training "
-            f"stage. \"max possible\" = min(1, val tokens / K). It is a loose ceiling: even tokens spread uniformly "
-            f"at random over the codebook would leave codes unused, 1 - exp(-val tokens / K) = {uniform} for "
+            f"with the EMA weights, as `pipelines.metrics.reconstruction.reconstruction_metrics` computes it for the "
+            f"training stage. \"max possible\" = min(1, val tokens / K). It is a loose ceiling: even tokens spread "
+            f"uniformly at random over the codebook would leave codes unused, 1 - exp(-val tokens / K) = {uniform} for "
             f"K = {', '.join(f'{k:,}' for k in ks)}.\n")
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ directory or pick another --out).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from data.errors import UserError
 from data.files import write_text_atomic
@@ -71,12 +70,6 @@ def parse_preset(name: str) -> tuple[str, int]:
     return quantizer, int(k)
 
 
-def call_main(fn: Callable[..., Any], stage_cfg: Any) -> Any:
-    if next(iter(inspect.signature(fn).parameters)) == "cfg":
-        return fn(stage_cfg)
-    return fn([], base=to_dict(stage_cfg))  # a stage still on main(argv, base) (issue 9): the same config as its base
-
-
 def run_stage(stage: str, stage_dir: Path, stage_cfg: Any) -> tuple[Any, float]:
     """Run (or reuse) one stage; returns (its result, wall seconds of the run that made it)."""
     done = stage_dir.with_name(stage_dir.name + ".done.json")
@@ -93,7 +86,7 @@ def run_stage(stage: str, stage_dir: Path, stage_cfg: Any) -> tuple[Any, float]:
     module = STAGES[stage][0]
     print(f"[compare] {module.__name__} -> {stage_dir}: {json.dumps(config)}", flush=True)
     t0 = time.perf_counter()
-    result = call_main(module.main, stage_cfg)
+    result = module.main(stage_cfg)
     seconds = time.perf_counter() - t0
     if dataclasses.is_dataclass(result):
         result = dataclasses.asdict(result)

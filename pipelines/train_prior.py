@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -93,6 +93,27 @@ def adamw(model: torch.nn.Module, cfg: TrainPriorConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.loop.lr, betas=cfg.betas)
 
 
+def build_train_step(cfg: TrainPriorConfig, trainer: Trainer) -> Callable[[list, int], dict[str, float]]:
+    """Build the prior on `trainer` (seeded, so every process starts from the same weights) and return the stage's
+    train_step(micro_batches, step): next-code cross-entropy of the prepared (DDP) model, so gradients sync."""
+    torch.manual_seed(cfg.loop.seed)
+    prior = build_prior(cfg.model)
+    trainer.accelerator.print(f"prior {cfg.model.size}: {count_parameters(prior) / 1e6:.2f}M parameters, "
+                              f"K={cfg.model.num_codes}, L={cfg.model.seq_len}, classes={cfg.model.num_classes}")
+    model = trainer.add("prior", prior, adamw(prior, cfg), ema=True)
+    device, conditional = trainer.device, cfg.model.num_classes > 0
+
+    def prior_losses(batch) -> dict[str, torch.Tensor]:
+        codes = batch.tokens.to(device)  # (B, L) int64
+        out = next_code_loss(model(codes, batch.labels.to(device) if conditional else None), codes)
+        return {"train/loss": out.loss, "train/accuracy": out.accuracy}
+
+    def train_step(micro, step: int) -> dict[str, float]:
+        return trainer.step("prior", micro, prior_losses, weights={"train/loss": 1.0})
+
+    return train_step
+
+
 def main(cfg: TrainPriorConfig) -> dict[str, float]:
     manifest = TokenManifest.load(cfg.tokens)
     cfg = fill_from_manifest(cfg, manifest)
@@ -109,11 +130,8 @@ def main(cfg: TrainPriorConfig) -> dict[str, float]:
     if val_set is not None:
         check_labels(val_set, cfg.model.num_classes, f"{cfg.tokens} (val)")
 
-    torch.manual_seed(cfg.loop.seed)  # the same initial weights on every process
-    prior = build_prior(cfg.model)
-    acc.print(f"prior {cfg.model.size}: {count_parameters(prior) / 1e6:.2f}M parameters, K={cfg.model.num_codes}, "
-              f"L={cfg.model.seq_len}, classes={cfg.model.num_classes}, {len(train_set.keys)} train sequences")
-    model = trainer.add("prior", prior, adamw(prior, cfg), ema=True)
+    acc.print(f"{cfg.tokens}: {len(train_set.keys)} train sequences")
+    train_step = build_train_step(cfg, trainer)
 
     def loader(epoch: int, skip: int) -> TokenLoader:
         return TokenLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.loop.seed, epoch=epoch,
@@ -130,14 +148,6 @@ def main(cfg: TrainPriorConfig) -> dict[str, float]:
         while True:
             yield from loader(epoch, skip)
             epoch, skip = epoch + 1, 0
-
-    def prior_losses(batch) -> dict[str, torch.Tensor]:
-        codes = batch.tokens.to(device)  # (B, L) int64
-        out = next_code_loss(model(codes, batch.labels.to(device) if conditional else None), codes)  # the DDP model
-        return {"train/loss": out.loss, "train/accuracy": out.accuracy}
-
-    def train_step(micro, step: int) -> dict[str, float]:
-        return trainer.step("prior", micro, prior_losses, weights={"train/loss": 1.0})
 
     def evaluate(step: int) -> dict[str, float]:
         net = trainer.eval_model().eval()  # eval mode: no label dropout, no dropout (fit() restores train mode)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
-from data.media import MODALITIES
+from data.media import MediaSpec
 from data.reader import media_loader, resume_position
 from data.shards import read_manifest
 from pipelines.cli import run
@@ -54,13 +54,12 @@ def check_names(model: TokenizerConfig) -> None:
         raise ConfigError(f"--model.arch={model.arch!r} --model.size={model.size!r}: {e.args[0]}") from None
 
 
-def check_media(cfg: TrainTokenizerConfig, modality: str) -> None:
+def check_media(cfg: TrainTokenizerConfig, spec: MediaSpec) -> None:
     """The model's dims and channels must be the shards' (an RGB tokenizer cannot train on mono audio)."""
-    m = MODALITIES[modality]
-    if (cfg.model.dims, cfg.model.in_channels) != (m.dims, m.channels):
+    if (cfg.model.dims, cfg.model.in_channels) != (spec.dims, spec.channels):
         raise ConfigError(f"--model.dims={cfg.model.dims} --model.in_channels={cfg.model.in_channels} but {cfg.data} "
-                          f"holds {modality} (dims {m.dims}, {m.channels} channels): set --model.dims={m.dims} "
-                          f"--model.in_channels={m.channels}")
+                          f"holds {spec.modality} (dims {spec.dims}, {spec.channels} channels): set "
+                          f"--model.dims={spec.dims} --model.in_channels={spec.channels}")
 
 
 def build_losses(cfg: TrainTokenizerConfig) -> TokenizerLosses:
@@ -72,13 +71,10 @@ def build_losses(cfg: TrainTokenizerConfig) -> TokenizerLosses:
         raise ConfigError(f"--losses: {e.args[0] if isinstance(e, KeyError) else e}") from None
 
 
-def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
-    check_names(cfg.model)
-    manifest = read_manifest(cfg.data)
-    check_media(cfg, manifest.spec.modality)
-    trainer = Trainer(cfg.loop, cfg.out, kind="tokenizer", model_config=to_dict(cfg.model), full_config=to_dict(cfg))
+def build_train_step(cfg: TrainTokenizerConfig, trainer: Trainer) -> Callable[[list, int], dict[str, float]]:
+    """Build the generator, the loss bundle and its discriminator on `trainer` (seeded, so every process starts from
+    the same weights) and return the stage's train_step(micro_batches, step): the G step, then the D step."""
     device = trainer.device
-
     torch.manual_seed(cfg.loop.seed)  # the same initial weights (and frozen codebook) on every process
     model = build_tokenizer(cfg.model)
     crit = build_losses(cfg).to(device)
@@ -88,15 +84,6 @@ def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
         crit.discriminator = trainer.add(
             "d", d_model, torch.optim.Adam(d_model.parameters(), lr=cfg.loop.lr, betas=cfg.betas))
     usage = CodebookUsage(cfg.model.num_codes, device=device)
-
-    epoch_len = -(-manifest.counts["train"] // (cfg.batch_size * trainer.accelerator.num_processes))
-
-    def batches(start: int):
-        epoch, skip = resume_position(start, epoch_len, cfg.num_workers)
-        while True:
-            yield from media_loader(cfg.data, "train", cfg.batch_size, train=True, seed=cfg.loop.seed, epoch=epoch,
-                                    epoch_len=epoch_len, num_workers=cfg.num_workers, skip_batches=skip)
-            epoch, skip = epoch + 1, 0
 
     def train_step(micro, step: int) -> dict[str, float]:
         gan_on = crit.discriminator is not None and step >= cfg.disc_start
@@ -123,6 +110,26 @@ def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
             logs.update(window.summary("train/"))
             usage.reset()
         return logs
+
+    return train_step
+
+
+def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
+    check_names(cfg.model)
+    manifest = read_manifest(cfg.data)
+    check_media(cfg, manifest.spec)
+    trainer = Trainer(cfg.loop, cfg.out, kind="tokenizer", model_config=to_dict(cfg.model), full_config=to_dict(cfg))
+    device = trainer.device
+    train_step = build_train_step(cfg, trainer)
+
+    epoch_len = -(-manifest.counts["train"] // (cfg.batch_size * trainer.accelerator.num_processes))
+
+    def batches(start: int):
+        epoch, skip = resume_position(start, epoch_len, cfg.num_workers)
+        while True:
+            yield from media_loader(cfg.data, "train", cfg.batch_size, train=True, seed=cfg.loop.seed, epoch=epoch,
+                                    epoch_len=epoch_len, num_workers=cfg.num_workers, skip_batches=skip)
+            epoch, skip = epoch + 1, 0
 
     def evaluate(step: int) -> dict[str, float]:
         loader = media_loader(cfg.data, "val", cfg.batch_size, train=False)
