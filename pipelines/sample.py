@@ -8,9 +8,8 @@ Writes out/media/{class}/{index:06d}.{png|wav} (no {class}/ when unconditional),
 `grid_per_class` of each class; audio as waveforms), out/grid.png (a row of `overview_cols` per class) and, last,
 out/manifest.json: both checkpoints + hashes, seed, every setting, the media spec, and per sample path, label, seed.
 
-main's steps: check the pair -> plan -> generate (codes, decode) -> write (data.media.to_file_bytes) -> grids
-(pipelines/metrics/grids.py) -> manifest. The file format (modality; for audio the wav rate) comes from the media
-manifest the prior's tokens were made from: `--data`, else the tokenizer's training data.
+main: check the pair -> plan -> generate -> write (data.media.to_file_bytes) -> grids -> manifest. The file format
+(modality; the wav rate) is the media manifest's of the prior's tokens: `--data`, else the tokenizer's data.
 
 Sample i (in output order: class by class, in the order of `classes`) uses seed `seed + i`, and prior/sampling.py
 draws each sample's randomness from its own seed, so a sample does not depend on the batch size or its batch-mates.
@@ -39,7 +38,7 @@ from pipelines.checkpoint import checkpoint_hash, load_config, load_prior, load_
 from pipelines.cli import run
 from pipelines.config import ConfigError, to_dict
 from pipelines.device import resolve_device
-from pipelines.metrics.grids import grid, thumbnails, write_png
+from pipelines.metrics.grids import class_grids, thumbnails, write_png
 from prior import Prior, SampleSettings, sample
 
 SAMPLES_FORMAT = "simvq-samples"
@@ -75,7 +74,7 @@ class SampleConfig:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints and media
-def identity(ckpt: Path) -> dict:
+def identity(ckpt: Path) -> dict:  # what the manifest records of a checkpoint
     return {"path": str(ckpt), "checkpoint_sha256": checkpoint_hash(ckpt), "weights_sha256": weights_sha256(ckpt)}
 
 
@@ -248,17 +247,10 @@ def write_samples(out: Path, items: list[Item], x: torch.Tensor, spec: MediaSpec
 
 # ---------------------------------------------------------------------------------------- grids
 def write_grids(out: Path, shown: dict[str | None, list[torch.Tensor]], cfg: SampleConfig) -> None:
-    """shown: class name (None: unconditional) -> its first thumbnails. One grid per class and the overview (rows
-    = classes; unconditional --num: a square of the first samples)."""
-    for name, thumbs in shown.items():
-        if name is not None:
-            x = torch.stack(thumbs[:cfg.grid_per_class])
-            write_png(grid(x, math.ceil(math.sqrt(len(x)))), out / "grids" / f"{class_dirname(name)}.png")
-    if cfg.num > 0:
-        overview = grid(torch.stack(shown[None][:cfg.overview_cols ** 2]), cfg.overview_cols)
-    else:
-        overview = grid(torch.cat([torch.stack(v[:cfg.overview_cols]) for v in shown.values()]),
-                        min(cfg.overview_cols, cfg.num_per_class))
+    """shown: class name (None: unconditional) -> its first thumbnails -> grids/{class}.png and grid.png."""
+    per_class, overview = class_grids(shown, cfg.grid_per_class, cfg.overview_cols, square=cfg.num > 0)
+    for name, image in per_class.items():
+        write_png(image, out / "grids" / f"{class_dirname(name)}.png")
     write_png(overview, out / "grid.png")
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from pipelines.metrics.grids import MIN_WIDTH, PAD, grid, recon_grid, thumbnails, upscale_factor
+from pipelines.metrics.grids import MIN_WIDTH, PAD, class_grids, grid, recon_grid, thumbnails, upscale_factor
 
 
 def digits(n: int, size: int = 16) -> torch.Tensor:
@@ -58,3 +58,16 @@ def test_audio_thumbnails_are_waveforms():
     assert len(zero_line) == 1 and abs(int(zero_line) - (h - 1) / 2) <= 0.5
     out = recon_grid(torch.cat([tone, silence]), torch.cat([silence, tone]), "audio")
     assert out.dtype == torch.uint8 and out.shape[0] == 3 and out.shape[-1] >= MIN_WIDTH
+
+
+def test_class_grids_lay_out_one_row_per_class_or_a_square():
+    shown = {"a": list(digits(5)), "b": list(digits(5))}
+    per_class, overview = class_grids(shown, per_class=4, cols=10, square=False)
+    s = upscale_factor(16, 2)  # each class grid: its first 4 in 2 columns
+    side = PAD + 2 * (s * 16 + PAD)
+    assert set(per_class) == {"a", "b"} and per_class["a"].shape == (3, side, side)
+    s = upscale_factor(16, 5)  # the overview: 2 class rows of min(10, 5) samples
+    assert overview.shape == (3, PAD + 2 * (s * 16 + PAD), PAD + 5 * (s * 16 + PAD))
+    _, square = class_grids({None: list(digits(9))}, per_class=4, cols=3, square=True)
+    s = upscale_factor(16, 3)
+    assert square.shape == (3, PAD + 3 * (s * 16 + PAD), PAD + 3 * (s * 16 + PAD))

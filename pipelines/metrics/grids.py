@@ -93,6 +93,20 @@ def recon_grid(x: torch.Tensor, x_hat: torch.Tensor, modality: str, cols: int = 
     return grid(torch.cat(rows), cols)
 
 
+def class_grids(shown: dict[str | None, list[torch.Tensor]], per_class: int, cols: int,
+                square: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The sample grids from `shown`: class name (None: unconditional) -> its first thumbnails (3, h, w).
+
+    Returns ({class name: a near-square grid of its first `per_class`}, the overview: one row of up to `cols` per
+    class, or with `square` a cols x cols square of the unconditional samples)."""
+    grids = {name: grid(torch.stack(t[:per_class]), math.ceil(math.sqrt(len(t[:per_class]))))
+             for name, t in shown.items() if name is not None}
+    if square:
+        return grids, grid(torch.stack(shown[None][:cols ** 2]), cols)
+    cols = min(cols, *(len(t) for t in shown.values()))
+    return grids, grid(torch.cat([torch.stack(t[:cols]) for t in shown.values()]), cols)
+
+
 def png_bytes(image: torch.Tensor) -> bytes:
     """uint8 (3, H, W) -> PNG bytes."""
     buf = io.BytesIO()
