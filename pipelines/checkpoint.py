@@ -20,9 +20,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.errors import UserError
 from data.files import atomic_path, sha256_file
 
 CHECKPOINT_VERSION = 1
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """A path given as a checkpoint (or run directory) that holds none, or only part of one."""
+
+
+class WrongCheckpoint(UserError, ValueError):
+    """A checkpoint of another kind than the command needs (a prior where a tokenizer goes)."""
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,7 +60,7 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFound(
             f"{cfg_file} not found: {path} is not a checkpoint directory (expected config.json + model.safetensors "
             f"written by a training pipeline)")
     return json.loads(cfg_file.read_text())
@@ -66,7 +75,7 @@ def load_checkpoint(path: str | Path, names: tuple[str, ...] = ("model",),
     for name in names:
         f = path / f"{name}.safetensors"
         if not f.is_file():
-            raise FileNotFoundError(f"{f} missing from checkpoint {path}")
+            raise CheckpointNotFound(f"{f} missing from checkpoint {path}")
         weights[name] = load_file(str(f), device=map_location)
     return config, weights
 
@@ -106,7 +115,7 @@ def resolve_checkpoint(path: str | Path, hint: str = "") -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"no checkpoint at {path} (neither a checkpoint directory nor a run directory with "
+        raise CheckpointNotFound(f"no checkpoint at {path} (neither a checkpoint directory nor a run directory with "
                                 f"checkpoints/step-*){'; ' + hint if hint else ''}")
     return latest
 
@@ -119,7 +128,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
     ckpt = resolve_checkpoint(path, hint="train one with `python -m pipelines.train_tokenizer`")
     config, weights = load_checkpoint(ckpt)
     if config.get("kind") != "tokenizer":
-        raise ValueError(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a tokenizer")
+        raise WrongCheckpoint(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a tokenizer")
     model = build_tokenizer(from_dict(TokenizerConfig, upgrade_tokenizer_config(config["config"])))
     model.load_state_dict(weights["model"])  # strict: a missing frozen codebook is an error, never re-drawn
     return model.to(device).eval(), ckpt
@@ -133,7 +142,7 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu"):
     ckpt = resolve_checkpoint(path, hint=hint)
     config, weights = load_checkpoint(ckpt)
     if config.get("kind") != "prior":
-        raise ValueError(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a prior; {hint}")
+        raise WrongCheckpoint(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a prior; {hint}")
     prior = build_prior(from_dict(PriorConfig, config["config"]))
     prior.load_state_dict(weights["model"])  # strict
     return prior.to(device).eval(), ckpt, config

@@ -36,7 +36,7 @@ def test_user_error_is_one_line_and_status_2(capsys, tmp_path):
         run(main, Cfg, ["--bug"])
 
 
-def test_stage_commands_report_user_errors_in_one_line(tmp_path):
+def test_stage_commands_report_user_errors_in_one_line(tmp_path, digits_shards):
     """Real stages as a person runs them: each mistake exits with status 2 and one line naming the input."""
     import os
     import subprocess
@@ -52,6 +52,10 @@ def test_stage_commands_report_user_errors_in_one_line(tmp_path):
         ("pipelines.train_tokenizer", "--loop.stepz=5"): "loop.stepz",
         ("pipelines.train_tokenizer", f"--data={a_file}", f"--out={tmp_path / 'tok'}"): str(a_file),
         ("pipelines.train_tokenizer", f"--data={empty}", "--model.quantizer=simvqq"): "simvqq",
+        ("pipelines.train_tokenizer", f"--data={digits_shards}", "--model.dims=1", f"--out={tmp_path / 'tok'}"):
+            "--model.dims=2",  # a 1-D (audio) tokenizer on image shards: the fix names the setting
+        ("pipelines.encode_shards", f"--data={digits_shards}", f"--tokenizer={a_file}", f"--out={tmp_path / 'tokens'}"):
+            f"no checkpoint at {a_file}",
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {argv: subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -62,4 +66,5 @@ def test_stage_commands_report_user_errors_in_one_line(tmp_path):
         assert "Traceback" not in err, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: error: ") and named in lines[0], (argv, err)
-    assert not (tmp_path / "tokens").exists() and not (tmp_path / "prior").exists()  # refused before writing
+    for out in ("tokens", "prior", "tok"):
+        assert not (tmp_path / out).exists(), out  # refused before writing anything
