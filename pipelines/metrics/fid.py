@@ -38,8 +38,9 @@ import scipy.linalg
 import torch
 from torch.utils.data import Dataset
 
+from data.errors import UserError
 from data.files import atomic_path, sha256_file
-from pipelines.metrics.inception_weights import DEFAULT_INCEPTION_PATH
+from pipelines.metrics.inception_weights import DEFAULT_INCEPTION_PATH, inception_command
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-2015 FID Inception
 # The media whose samples the feature extractors (Inception, the domain classifier) and LPIPS take: RGB pictures,
@@ -49,6 +50,10 @@ CACHE_VERSION = 1
 # KID needs subsets that differ from each other: with half of the smaller set per subset, fewer than 10 images would
 # mean subsets of < 5, whose mean and spread say little.
 KID_MIN_IMAGES = 10
+
+
+class MissingWeights(UserError, FileNotFoundError):
+    """A feature extractor's weights file that is not on disk (nothing is downloaded at run time)."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,8 @@ def metric_tag(registry_name: str) -> str:
 def inception_extractor(weights_path: str | Path = DEFAULT_INCEPTION_PATH) -> Extractor:
     path = Path(weights_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the FID Inception weights are never downloaded at run time. "
-                                f"Run `python -m pipelines.weights inception --out={path}` first.")
+        raise MissingWeights(f"{path} not found: the FID Inception weights are never downloaded at run time. "
+                             f"Run `{inception_command(path)}` first.")
     # torch-fidelity resizes every image to 299x299 with its TF1-exact bilinear resize, inside the extractor.
     return Extractor(INCEPTION, "inception", str(path), sha256_file(path), "tf1-bilinear-299")
 
