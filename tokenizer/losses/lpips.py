@@ -10,7 +10,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-import torchvision
 
 # LPIPS's input normalisation (for images in [-1, 1]), from the LPIPS paper's released model.
 _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
@@ -26,6 +25,7 @@ class VGG16Features(nn.Module):
 
     def __init__(self, state_dict: dict[str, torch.Tensor] | None):
         super().__init__()
+        import torchvision  # here, not at the top: its import costs seconds in every stage that builds no LPIPS
         with torch.device("meta"):  # build the architecture without allocating/initialising 138M params
             features = torchvision.models.vgg16(weights=None).features
         features = features.to_empty(device="cpu")
