@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Quantized, Quantizer
+from .base import EvalCache, Quantized, Quantizer
 
 # The FSQ paper's recommended levels (Table 1, arXiv 2309.15505) for target sizes 2^8 .. 2^16. Keyed by the exact
 # number of codes prod(levels): only some rows are powers of two, and a quantizer's K must be what its codes span,
@@ -71,7 +71,7 @@ class LibraryQuantizer(Quantizer):
         bad = sorted(set(kwargs) & set(_RESERVED))
         if bad:
             raise ValueError(f"{type(self).__name__} sets {bad} itself; drop them from the quantizer kwargs")
-        self._cache: tuple | None = None
+        self._cache = EvalCache()
 
     def _run(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, D) -> (quantized (B, N, D), indices (B, N), loss scalar)."""
@@ -96,22 +96,11 @@ class LibraryQuantizer(Quantizer):
             q = self.inner.indices_to_codes(codes.long().reshape(b, -1))  # (B, N, D) fp32
         return q.transpose(1, 2).reshape(b, self.dim, *grid)
 
-    def _weights_key(self) -> tuple:
-        """Identifies the current weights (in-place updates bump a tensor's _version). Not named `_version`: that is
-        nn.Module's state_dict version number, which every state_dict carries in its metadata."""
-        return tuple((t._version, t.data_ptr(), t.dtype) for t in [*self.parameters(), *self.buffers()])
-
     @property
     def codebook(self) -> Tensor:
         """(K, D) fp32 = indices_to_codes(arange(K)); recomputed while training, cached in eval while the weights
         hold (it is computed with autocast off, so the cache does not depend on the caller's autocast state)."""
-        if self.training or torch.is_grad_enabled():
-            self._cache = None
-            return self._all_codes()
-        key = self._weights_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._all_codes())
-        return self._cache[1]
+        return self._cache(self, self._all_codes)
 
     def _all_codes(self) -> Tensor:
         device = next(iter([*self.parameters(), *self.buffers()])).device

@@ -120,6 +120,26 @@ def rotation_trick(z: Tensor, z_q: Tensor, eps: float = 1e-6) -> Tensor:
     return rotated * (q_norm / z_norm).detach()
 
 
+class EvalCache:
+    """A value derived from a module's weights (an effective codebook), recomputed on every training call (it must
+    carry gradients) and cached in eval while the weights are unchanged: an in-place update bumps a tensor's
+    `_version`, a load or `.to()` replaces its storage or dtype. One cache for every quantizer that derives its
+    codebook (SimVQ's W(C), the FSQ/LFQ adapters' implicit codes)."""
+
+    def __init__(self):
+        self.entry: tuple | None = None  # (weights key, value)
+
+    def __call__(self, module: nn.Module, compute) -> Tensor:
+        if module.training or torch.is_grad_enabled():
+            self.entry = None
+            return compute()
+        # Not via nn.Module attributes named `_version`: that name is the state_dict version number.
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in [*module.parameters(), *module.buffers()])
+        if self.entry is None or self.entry[0] != key:
+            self.entry = (key, compute())
+        return self.entry[1]
+
+
 class Quantizer(nn.Module):
     """Base for nearest-neighbour quantizers: subclasses provide `codebook` (K, D) and may override `update`."""
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DEFAULT_CHUNK_ELEMS, Quantizer
+from .base import DEFAULT_CHUNK_ELEMS, EvalCache, Quantizer
 
 
 class SimVQ(Quantizer):
@@ -28,13 +28,7 @@ class SimVQ(Quantizer):
         # PyTorch's default Linear init, bias on: the paper's setting. (lucidrains' port drops the bias; users
         # report collapse there.)
         self.proj = nn.Linear(cdim, dim, bias=bias)
-        self._cache: tuple | None = None
-
-    def _weights_key(self) -> tuple:
-        """Identifies the current W and C (in-place updates bump a tensor's _version). Not named `_version`: that is
-        nn.Module's state_dict version number, which every state_dict carries in its metadata."""
-        ps = [self.proj.weight, self.frozen_codebook] + ([self.proj.bias] if self.proj.bias is not None else [])
-        return tuple((p._version, p.data_ptr(), p.dtype) for p in ps)
+        self._cache = EvalCache()
 
     def _project(self) -> Tensor:
         # fp32 with autocast off: under bf16 autocast the Linear would round W(C) to bf16 before the fp32 search
@@ -46,11 +40,5 @@ class SimVQ(Quantizer):
     @property
     def codebook(self) -> Tensor:
         """(K, D) = W(C) in fp32 whatever autocast is active. Recomputed every training step; cached in eval while W
-        and C are unchanged (the value does not depend on autocast, so neither does the cache key)."""
-        if self.training or torch.is_grad_enabled():
-            self._cache = None
-            return self._project()
-        key = self._weights_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._project())
-        return self._cache[1]
+        and C are unchanged (the value does not depend on autocast, so neither does the cache)."""
+        return self._cache(self, self._project)
