@@ -37,8 +37,8 @@ def stage_trainer(cfg, run_dir: Path, kind: str, device: torch.device) -> Traine
 
 
 def tokenizer_case(args, device: torch.device, run_dir: Path):
-    cfg = parse_config(train_tokenizer.TrainTokenizerConfig, [
-        f"--out={run_dir}", f"--batch_size={args.batch}", f"--model.size={args.tokenizer_size}",
+    cfg = parse_config(train_tokenizer.TrainTokenizerConfig, [  # random batches: --data is never read
+        "--data=unused", f"--out={run_dir}", f"--batch_size={args.batch}", f"--model.size={args.tokenizer_size}",
         f"--model.num_codes={args.codes}", '--losses.weights={"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}',
         f"--losses.disc_layers={3 if args.image >= 24 else 2}"])
     trainer = stage_trainer(cfg, run_dir, "tokenizer", device)
@@ -49,8 +49,8 @@ def tokenizer_case(args, device: torch.device, run_dir: Path):
 
 
 def prior_case(args, device: torch.device, run_dir: Path):
-    cfg = parse_config(train_prior.TrainPriorConfig, [
-        f"--out={run_dir}", f"--batch_size={args.prior_batch}", f"--model.size={args.prior_size}",
+    cfg = parse_config(train_prior.TrainPriorConfig, [  # random batches: --tokens is never read
+        "--tokens=unused", f"--out={run_dir}", f"--batch_size={args.prior_batch}", f"--model.size={args.prior_size}",
         f"--model.num_codes={args.codes}", f"--model.seq_len={args.seq}", "--model.num_classes=1000"])
     trainer = stage_trainer(cfg, run_dir, "prior", device)
     train_step = train_prior.build_train_step(cfg, trainer)

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,6 +139,13 @@ class MediaManifest:
     @property
     def field_name(self) -> str:
         return MODALITIES[self.spec.modality].field
+
+    @property
+    def dataset_name(self) -> str:
+        """A short name for metric tags: "builtin:digits(size=16)" -> "digits", "folder:/data/My-Set" -> "my_set"."""
+        kind, _, rest = self.source.partition(":")
+        name = rest.split("(")[0] if kind == "builtin" else Path(rest).name
+        return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "data"
 
     def to_dict(self) -> dict:
         return asdict(self) | {"field": self.field_name, "num_skipped": len(self.skipped)}

@@ -27,13 +27,13 @@ from data.errors import UserError
 from data.files import write_text_atomic
 from pipelines import encode_shards, evaluate, sample, train_prior, train_tokenizer
 from pipelines.cli import run
-from pipelines.config import ConfigError, from_dict, merge_config, to_dict
+from pipelines.config import ConfigError, from_dict, merge_config, required, to_dict
 from tokenizer.quantizers import QUANTIZERS
 
 
 @dataclass
 class CompareConfig:
-    data: str = "runs/digits/shards"  # labelled media shards (python -m pipelines.make_shards)
+    data: str = required()  # labelled media shards (python -m pipelines.make_shards)
     out: str = "runs/compare"  # one sub-directory per preset, plus report.md and plots
     presets: tuple[str, ...] = ("simvq-1024", "simvq-8192", "simvq-65536", "vq-8192")  # <quantizer>-<K> each
     title: str = "Tokenizer impact report"  # report heading

@@ -131,8 +131,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
+def required() -> Any:
+    """A setting with no default (an input or output path the user must name): building the config without it
+    raises a ConfigError naming the key. `--help` shows it as <required>."""
+    return dataclasses.field(default="", metadata={"required": True})
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build `cls` from a (possibly nested) dict; unknown keys and wrong types raise ConfigError."""
+    """Build `cls` from a (possibly nested) dict; unknown keys, wrong types and missing required settings raise
+    ConfigError."""
     fields, hints = _fields(cls), _hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -148,6 +155,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             # defaults), not the section class's bare defaults.
             v = merge_config(hints[k], to_dict(f.default_factory()), v)
         kwargs[k] = _convert(v, hints[k], prefix + k)
+    missing = [k for k, f in fields.items() if f.metadata.get("required") and not data.get(k)]
+    if missing:
+        raise ConfigError(f"missing required setting {', '.join(f'--{prefix}{k}' for k in missing)} "
+                          f"(no default: see --help)")
     try:
         return cls(**kwargs)
     except (ValueError, KeyError) as e:  # a section's own check (__post_init__), e.g. an unknown size name
@@ -237,6 +248,7 @@ def describe(cls, prefix: str = "") -> str:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
+        shown = "<required>" if f.metadata.get("required") else repr(default)
         name = getattr(tp, "__name__", str(tp))
-        lines.append(f"  --{prefix}{f.name}={default!r}  ({name})")
+        lines.append(f"  --{prefix}{f.name}={shown}  ({name})")
     return "\n".join(lines)

@@ -41,7 +41,7 @@ from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, iter_sh
 from data.tokens import PendingShard, TokenManifest, TokenSample, pending_token_shards, write_token_shard
 from pipelines.checkpoint import load_config, load_tokenizer, weights_sha256
 from pipelines.cli import run
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
 
 IDENTITY = "encode.json"  # written at the start of a run: what the shards in this directory are made from
@@ -49,9 +49,9 @@ IDENTITY = "encode.json"  # written at the start of a run: what the shards in th
 
 @dataclass
 class EncodeShardsConfig:
-    data: str = "runs/digits/shards"  # media shard directory (python -m pipelines.make_shards)
-    tokenizer: str = "runs/digits/tokenizer"  # tokenizer checkpoint, or run directory (its newest checkpoint)
-    out: str = "runs/digits/tokens"  # token shard directory
+    data: str = required()  # media shard directory (python -m pipelines.make_shards)
+    tokenizer: str = required()  # tokenizer checkpoint, or run directory (its newest checkpoint)
+    out: str = required()  # token shard directory
     batch_size: int = 256  # samples per encoder forward
     splits: tuple[Literal["train", "val"], ...] = ("train", "val")  # which splits to encode (--splits=val)
     device: str = "auto"  # auto (the accelerator's device: cuda:<local rank> or cpu) | cpu | cuda

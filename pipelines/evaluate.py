@@ -42,7 +42,7 @@ from data.reader import media_loader
 from data.shards import MANIFEST, MediaManifest, read_manifest
 from pipelines.checkpoint import load_tokenizer
 from pipelines.cli import run
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
 from pipelines.metrics import inception_weights as weights
 from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
@@ -56,12 +56,12 @@ from pipelines.metrics.subsets import class_counts, stratified_subset
 
 @dataclass
 class EvaluateConfig:
-    data: str = "runs/digits/shards"  # media shards: val = rFID reference, train = gFID reference
+    data: str = required()  # media shards: val = rFID reference, train = gFID reference
     tokenizer: str = ""  # tokenizer checkpoint/run dir for reconstruction metrics; "" = skip them
     samples: str = ""  # output dir of pipelines.sample for generation metrics; "" = skip them
-    out: str = "runs/digits/eval"  # metrics.json, recon.png
+    out: str = required()  # metrics.json, recon.png
     extractors: tuple[str, ...] = ("domain", "inception")  # feature extractors: domain (classifier), inception
-    domain_name: str = "digits"  # tag of the domain extractor's metrics: fid_<domain_name>
+    domain_name: str = ""  # tag of the domain extractor's metrics, fid_<domain_name>; "" = the dataset's name
     classifier: str = ""  # domain classifier checkpoint; "" = <fidelity.cache_dir>/classifier-<data + settings hash>
     inception_weights: str = weights.DEFAULT_INCEPTION_PATH  # torch-fidelity FID Inception weights file
     require_inception: bool = False  # error (instead of a logged skip) when the Inception weights cannot be had
@@ -277,6 +277,8 @@ def main(cfg: EvaluateConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     cfg.fidelity.cuda = device.type == "cuda"
     data = read_manifest(cfg.data)
+    if not cfg.domain_name:  # metric names follow the data (fid_digits), not a demo default
+        cfg = dataclasses.replace(cfg, domain_name=data.dataset_name)
     data_sha = sha256_file(Path(cfg.data) / MANIFEST)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     notes: list[str] = []

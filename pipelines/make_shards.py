@@ -21,6 +21,7 @@ from data.errors import MediaError, UserError
 from data.media import MediaSpec
 from data.shards import MediaManifest, write_media_shards
 from pipelines.cli import run
+from pipelines.config import required
 
 DEFAULT_SIZE = {"digits": 16, "photos": 32}  # built-ins render small so the CPU demo stays quick
 FOLDER_DEFAULT_SIZE = 128  # the paper's ImageNet resolution
@@ -28,7 +29,7 @@ FOLDER_DEFAULT_SIZE = 128  # the paper's ImageNet resolution
 
 @dataclass
 class MakeShardsConfig:
-    source: str = "digits"  # digits | photos | /path/to/folder (recursive; label = first-level sub-folder)
+    source: str = required()  # digits | photos | /path/to/folder (recursive; label = first-level sub-folder)
     out: str = ""  # output directory; "" = runs/shards/<source name>
     modality: Literal["image", "audio"] = "image"  # audio: a folder of wav/flac files
     size: int = 0  # image side in pixels; 0 = digits 16, photos 32, folder 128

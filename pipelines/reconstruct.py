@@ -17,16 +17,16 @@ from data.reader import media_loader
 from data.shards import read_manifest
 from pipelines.checkpoint import load_tokenizer
 from pipelines.cli import run
-from pipelines.config import to_dict
+from pipelines.config import required, to_dict
 from pipelines.device import resolve_device
 from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
 
 
 @dataclass
 class ReconstructConfig:
-    tokenizer: str = "runs/digits/tokenizer"  # tokenizer checkpoint or run directory
-    data: str = "runs/digits/shards"  # media shard directory
-    out: str = "runs/digits/recon"  # where recon.png and metrics.json go
+    tokenizer: str = required()  # tokenizer checkpoint or run directory
+    data: str = required()  # media shard directory
+    out: str = required()  # where recon.png and metrics.json go
     split: str = "val"  # which split to reconstruct
     usage_split: str = "train"  # split encoded for usage/* (codebook utilisation on many tokens); "" = skip
     batch_size: int = 64  # samples per forward

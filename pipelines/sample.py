@@ -36,7 +36,7 @@ from data.media import MediaSpec, modality_of, to_file_bytes
 from data.shards import MANIFEST, read_manifest
 from pipelines.checkpoint import checkpoint_hash, load_config, load_prior, load_tokenizer, weights_sha256
 from pipelines.cli import run
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
 from pipelines.metrics.grids import class_grids, thumbnails, write_png
 from prior import Prior, SampleSettings, sample
@@ -56,9 +56,9 @@ class SamplesExist(UserError, FileExistsError):
 
 @dataclass
 class SampleConfig:
-    prior: str = "runs/digits/prior"  # prior checkpoint or run directory (newest checkpoint)
-    tokenizer: str = "runs/digits/tokenizer"  # tokenizer checkpoint or run directory; must be the prior's tokenizer
-    out: str = "runs/digits/samples"  # output directory (media/, grids/, grid.png, manifest.json)
+    prior: str = required()  # prior checkpoint or run directory (newest checkpoint)
+    tokenizer: str = required()  # tokenizer checkpoint or run directory; must be the prior's tokenizer
+    out: str = required()  # output directory (media/, grids/, grid.png, manifest.json)
     data: str = ""  # media shards the prior's tokens came from (file format, wav rate); "" = the tokenizer's data
     num_per_class: int = 10  # samples per class; an unconditional prior counts as one class
     num: int = 0  # > 0: that many unconditional samples (null class) instead of num_per_class per class

@@ -26,7 +26,7 @@ from data.errors import UserError
 from data.shards import ManifestError
 from data.tokens import ENCODE_HINT, TokenLoader, TokenManifest, TokenSet, load_tokens
 from pipelines.cli import run
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, required, to_dict
 from pipelines.trainer import LoopConfig, Trainer
 from prior import PriorConfig, build_prior, count_parameters, next_code_loss
 
@@ -50,8 +50,8 @@ class PriorModelSettings(PriorConfig):
 @dataclass
 class TrainPriorConfig:
     ALIASES: ClassVar[dict[str, str]] = {"resume": "loop.resume"}  # --resume continues the run in --out
-    tokens: str = "runs/digits/tokens"  # token shard directory (python -m pipelines.encode_shards)
-    out: str = "runs/digits/prior"  # run directory: checkpoints/, log.jsonl, tb/
+    tokens: str = required()  # token shard directory (python -m pipelines.encode_shards)
+    out: str = required()  # run directory: checkpoints/, log.jsonl, tb/
     batch_size: int = 64  # sequences per micro-batch per process
     eval_batches: int = 0  # val batches per evaluation; 0 = the whole val split
     weight_decay: float = 0.05  # AdamW decay on weight matrices and embeddings; none on norms and biases

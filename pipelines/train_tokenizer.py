@@ -21,7 +21,7 @@ from data.media import MediaSpec
 from data.reader import media_loader, resume_position
 from data.shards import read_manifest
 from pipelines.cli import run
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, required, to_dict
 from pipelines.lpips_weights import lpips_for_losses
 from pipelines.metrics.reconstruction import reconstruction_metrics
 from pipelines.trainer import LoopConfig, Trainer
@@ -32,8 +32,8 @@ from tokenizer.quantizers import QUANTIZERS, CodebookUsage
 @dataclass
 class TrainTokenizerConfig:
     ALIASES: ClassVar[dict[str, str]] = {"resume": "loop.resume"}  # --resume continues the run in --out
-    data: str = "runs/digits/shards"  # media shard directory (python -m pipelines.make_shards)
-    out: str = "runs/digits/tokenizer"  # run directory: checkpoints/, log.jsonl, tb/, recon-*.png
+    data: str = required()  # media shard directory (python -m pipelines.make_shards)
+    out: str = required()  # run directory: checkpoints/, log.jsonl, tb/, recon-*.png
     batch_size: int = 64  # micro-batch per process
     num_workers: int = 0  # DataLoader workers per process
     disc_start: int = 0  # step at which the GAN losses switch on (the paper: 0)

@@ -51,7 +51,9 @@ def test_stage_commands_report_user_errors_in_one_line(tmp_path, digits_shards):
             str(tmp_path / "no_tokens"),
         ("pipelines.train_tokenizer", "--loop.stepz=5"): "loop.stepz",
         ("pipelines.train_tokenizer", f"--data={a_file}", f"--out={tmp_path / 'tok'}"): str(a_file),
-        ("pipelines.train_tokenizer", f"--data={empty}", "--model.quantizer=simvqq"): "simvqq",
+        ("pipelines.train_tokenizer", f"--data={empty}", "--model.quantizer=simvqq", f"--out={tmp_path / 'tok'}"):
+            "simvqq",
+        ("pipelines.sample",): "missing required setting --prior, --tokenizer, --out",
         ("pipelines.train_tokenizer", f"--data={digits_shards}", "--model.dims=1", f"--out={tmp_path / 'tok'}"):
             "--model.dims=2",  # a 1-D (audio) tokenizer on image shards: the fix names the setting
         ("pipelines.encode_shards", f"--data={digits_shards}", f"--tokenizer={a_file}", f"--out={tmp_path / 'tokens'}"):

@@ -112,9 +112,10 @@ def test_state_file_refuses_arbitrary_objects(tmp_path):
 def test_alias_maps_a_short_flag_to_a_nested_key():
     from pipelines.train_prior import TrainPriorConfig
     from pipelines.train_tokenizer import TrainTokenizerConfig
+    paths = {TrainTokenizerConfig: ["--data=d", "--out=o"], TrainPriorConfig: ["--tokens=t", "--out=o"]}
     for cls in (TrainTokenizerConfig, TrainPriorConfig):
-        assert parse_config(cls, ["--resume"]).loop.resume is True
-        assert parse_config(cls, []).loop.resume is False
+        assert parse_config(cls, ["--resume", *paths[cls]]).loop.resume is True
+        assert parse_config(cls, paths[cls]).loop.resume is False
 
 
 def test_shipped_config_files_parse():
@@ -124,18 +125,18 @@ def test_shipped_config_files_parse():
     from pipelines.train_prior import TrainPriorConfig
     from pipelines.train_tokenizer import TrainTokenizerConfig
     root = Path(__file__).parent.parent / "configs"
-    tok = parse_config(TrainTokenizerConfig, ["--config", str(root / "tokenizer_b.toml")])
+    tok = parse_config(TrainTokenizerConfig, ["--config", str(root / "tokenizer_b.toml"), "--data=d", "--out=o"])
     assert tok.model.size == "b" and tok.model.num_codes == 65536 and tok.loop.steps == 250_000
-    prior = parse_config(TrainPriorConfig, ["--config", str(root / "prior_b.toml")])
+    prior = parse_config(TrainPriorConfig, ["--config", str(root / "prior_b.toml"), "--tokens=t", "--out=o"])
     assert prior.model.size == "gpt-b" and prior.loop.lr_schedule == "cosine"
     cmp = parse_config(CompareConfig, ["--config", str(root / "compare_digits.toml")])
     # every stage table becomes its stage's config, under what compare decides (paths, the preset)
-    tok_digits = stage_config(cmp, "tokenizer", out="x", model={"quantizer": "vq", "num_codes": 256})
+    tok_digits = stage_config(cmp, "tokenizer", data="d", out="x", model={"quantizer": "vq", "num_codes": 256})
     assert isinstance(tok_digits, TrainTokenizerConfig) and tok_digits.out == "x"
     assert tok_digits.losses.weights == {"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}
     assert tok_digits.model.quantizer == "vq" and tok_digits.model.num_codes == 256
     assert tok_digits.model.size == TrainTokenizerConfig().model.size  # a partial table keeps the other defaults
-    assert stage_config(cmp, "prior").model.dropout == 0.2
+    assert stage_config(cmp, "prior", tokens="t", out="p").model.dropout == 0.2
     assert cmp.presets == ("simvq-256", "simvq-1024", "simvq-4096", "vq-256", "vq-1024", "vq-4096")
 
 
@@ -155,14 +156,16 @@ def test_dict_field_replaces_the_default_whole_from_every_source(tmp_path):
         "dotted keys": ["--losses.weights.recon/l2=1", "--losses.weights.vq/commit=1"],
     }
     for name, argv in sources.items():
-        weights = parse_config(TrainTokenizerConfig, argv).losses.weights
+        weights = parse_config(TrainTokenizerConfig, [*argv, "--data=d", "--out=o"]).losses.weights
         assert weights == want and all(type(v) is float for v in weights.values()), name
     # a later source replaces an earlier one whole, too; sibling settings of the section keep their defaults
-    cfg = parse_config(TrainTokenizerConfig, ["--config", str(toml), '--losses.weights={"recon/l1": 2}'])
+    cfg = parse_config(TrainTokenizerConfig, ["--config", str(toml), '--losses.weights={"recon/l1": 2}',
+                                              "--data=d", "--out=o"])
     assert cfg.losses.weights == {"recon/l1": 2.0}
     assert cfg.losses.disc_layers == TrainTokenizerConfig().losses.disc_layers
     # a base dict (how the demo hands settings to compare) behaves the same
-    assert parse_config(TrainTokenizerConfig, [], base={"losses": {"weights": want}}).losses.weights == want
+    base = {"losses": {"weights": want}, "data": "d", "out": "o"}
+    assert parse_config(TrainTokenizerConfig, [], base=base).losses.weights == want
 
 
 def test_config_file_errors_name_the_file(tmp_path):
@@ -174,3 +177,16 @@ def test_config_file_errors_name_the_file(tmp_path):
         parse_config(Outer, ["--loss_weights={gan/g: 0.1}"])
     with pytest.raises(ConfigError, match="loss_weights.gan/g: expected a number"):
         parse_config(Outer, ['--loss_weights={"gan/g": "lots"}'])
+
+
+def test_paths_have_no_demo_defaults(capsys):
+    """Issue 9: the demo's dataset is not baked into the stages' defaults: their inputs and outputs are required."""
+    from pipelines.evaluate import EvaluateConfig
+    from pipelines.train_tokenizer import TrainTokenizerConfig
+    with pytest.raises(ConfigError, match=r"missing required setting --data, --out \(no default: see --help\)"):
+        parse_config(TrainTokenizerConfig, [])
+    with pytest.raises(ConfigError, match="missing required setting --out"):
+        parse_config(EvaluateConfig, ["--data=d"])
+    with pytest.raises(SystemExit):
+        parse_config(TrainTokenizerConfig, ["--help"])
+    assert "--data=<required>  (str)" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from tokenizer.autoencoder import upgrade_tokenizer_config
 from tokenizer.quantizers.options import OPTIONS
 
 K = {"fsq": 240, "lfq": 64}  # codebook sizes these quantizers accept
+PATHS = ["--data=shards", "--out=run"]  # required by TrainTokenizerConfig
 
 
 def test_every_registered_quantizer_has_an_options_section():
@@ -23,9 +24,9 @@ def test_help_lists_the_options_and_a_typo_is_an_error():
                 "--model.fsq.levels=()", "--model.lfq.entropy_loss_weight=0.1"):
         assert key in text, key
     with pytest.raises(ConfigError, match="unknown config key model.simvq.biass"):
-        parse_config(TrainTokenizerConfig, ["--model.simvq.biass=false"])
+        parse_config(TrainTokenizerConfig, [*PATHS, "--model.simvq.biass=false"])
     with pytest.raises(ConfigError, match="model.ema_vq.decay: expected a number"):
-        parse_config(TrainTokenizerConfig, ["--model.ema_vq.decay=slow"])
+        parse_config(TrainTokenizerConfig, [*PATHS, "--model.ema_vq.decay=slow"])
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZERS))
@@ -40,16 +41,16 @@ def test_default_section_builds_the_quantizers_own_defaults(name):
 
 
 def test_options_reach_the_quantizer():
-    cfg = parse_config(TrainTokenizerConfig, ["--model.simvq.bias=false", "--model.simvq.codebook_dim=8"]).model
+    cfg = parse_config(TrainTokenizerConfig, [*PATHS, "--model.simvq.bias=false", "--model.simvq.codebook_dim=8"]).model
     q = build_tokenizer(cfg).quantizer
     assert q.proj.bias is None and q.frozen_codebook.shape == (cfg.num_codes, 8)
-    cfg = parse_config(TrainTokenizerConfig, ["--model.quantizer=ema-vq", "--model.ema_vq.decay=0.5"]).model
+    cfg = parse_config(TrainTokenizerConfig, [*PATHS, "--model.quantizer=ema-vq", "--model.ema_vq.decay=0.5"]).model
     assert build_tokenizer(cfg).quantizer.decay == 0.5
-    cfg = parse_config(TrainTokenizerConfig, ["--model.quantizer=fsq", "--model.num_codes=60",
+    cfg = parse_config(TrainTokenizerConfig, [*PATHS, "--model.quantizer=fsq", "--model.num_codes=60",
                                               "--model.fsq.levels=5,4,3"]).model
     assert build_tokenizer(cfg).quantizer.levels == [5, 4, 3]
     # the other quantizers' sections are ignored
-    cfg = parse_config(TrainTokenizerConfig, ["--model.quantizer=vq", "--model.simvq.bias=false"]).model
+    cfg = parse_config(TrainTokenizerConfig, [*PATHS, "--model.quantizer=vq", "--model.simvq.bias=false"]).model
     assert type(build_tokenizer(cfg).quantizer).__name__ == "VQ"
 
 
