@@ -41,3 +41,4 @@ def lpips_files(tmp_path_factory):
     lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(VGG16_CHANNELS)}
     torch.save(lin, root / "lin.pth")
     return root / "vgg16.pth", root / "lin.pth"
+

@@ -3,23 +3,17 @@
 import json
 
 import numpy as np
-import soundfile
 
 from data.tokens import load_tokens
 from pipelines import encode_shards, make_shards, train_prior, train_tokenizer
 from pipelines.config import parse_config
+from helpers import write_tones
 
 RATE, CLIP = 8_000, 0.512  # 4,096 samples: divisible by the audio-s downsampling factor 64 -> 64 tokens
 
 
 def test_wav_folder_through_tokenizer_tokens_and_prior(tmp_path):
-    rng = np.random.default_rng(0)
-    t = np.arange(int(RATE * 0.6)) / RATE
-    for label, base in (("low", 220.0), ("high", 880.0)):
-        (tmp_path / "wavs" / label).mkdir(parents=True)
-        for i in range(12):
-            tone = 0.5 * np.sin(2 * np.pi * base * (1 + 0.05 * i) * t) + 0.01 * rng.standard_normal(len(t))
-            soundfile.write(tmp_path / "wavs" / label / f"{i}.wav", tone, RATE)
+    write_tones(tmp_path / "wavs", per_class=12, rate=RATE)
     shards, tok, tokens, prior = (tmp_path / n for n in ("shards", "tok", "tokens", "prior"))
     manifest = make_shards.main(parse_config(make_shards.MakeShardsConfig, [
         f"--source={tmp_path / 'wavs'}", f"--out={shards}", "--modality=audio", f"--sample_rate={RATE}",

@@ -21,6 +21,7 @@ from pipelines.config import parse_config, to_dict
 from pipelines.metrics.grids import MIN_WIDTH
 from prior import SampleSettings
 from tokenizer import TokenizerConfig, build_tokenizer
+from helpers import write_tones
 
 RATE, CLIP = 8_000, 0.512  # 4,096 samples: the audio-s downsampling factor 64 -> 64 tokens
 K, GRID, CLASSES = 64, (64,), ["high", "low"]
@@ -31,13 +32,7 @@ def audio_run(tmp_path_factory):
     """(media shards of two tones, an untrained 1-D tokenizer whose train_config names them, a prior trained for
     3 steps on token shards recorded as that tokenizer's)."""
     root = tmp_path_factory.mktemp("audio")
-    rng = np.random.default_rng(0)
-    t = np.arange(int(RATE * 0.6)) / RATE
-    for label, base in (("low", 220.0), ("high", 880.0)):
-        (root / "wavs" / label).mkdir(parents=True)
-        for i in range(6):
-            tone = 0.5 * np.sin(2 * np.pi * base * (1 + 0.05 * i) * t) + 0.01 * rng.standard_normal(len(t))
-            soundfile.write(root / "wavs" / label / f"{i}.wav", tone, RATE)
+    write_tones(root / "wavs", per_class=6, rate=RATE)
     shards = root / "shards"
     write_media_shards(open_source(str(root / "wavs"), "audio", 0, 0, 0, "auto"), shards,
                        MediaSpec(modality="audio", sample_rate=RATE, clip_seconds=CLIP), val_fraction=0.25,
