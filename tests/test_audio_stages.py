@@ -46,7 +46,7 @@ def audio_run(tmp_path_factory):
 
     tokens = root / "tokens"
     tokens.mkdir()
-    counts = {}
+    counts, rng = {}, np.random.default_rng(0)
     for split, n in (("train", 16), ("val", 4)):
         labels = rng.integers(0, 2, n)
         codes = (10 * labels[:, None] + rng.integers(0, 4, (n, *GRID))) % K  # (n, 64)
