@@ -5,9 +5,10 @@
     python -m pipelines.train_tokenizer ... --resume        # after an interruption (= --loop.resume=true)
 
 Losses (spec §3): recon/l1 + 1.0 perceptual/lpips + 0.1 gan/g (PatchGAN, hinge D) + 1.0 vq/commit, weighted by
-`losses.weights`; Adam(lr 1e-4, betas (0.5, 0.9)) for generator and discriminator; EMA 0.999 of the generator, which
-evaluation and the exported checkpoint use. Logged every `loop.log_every` steps under the same names, with codebook
-utilisation/perplexity over the steps since the last log line; evaluated on the whole val split.
+`losses.weights`; gan/g and gan/d are sums over `losses.discriminators`, which train as one model "d" (all of them in
+one optimiser, one DDP module). Adam(lr 1e-4, betas (0.5, 0.9)) for generator and discriminators; EMA 0.999 of the
+generator, which evaluation and the exported checkpoint use. Logged every `loop.log_every` steps under the same names,
+with codebook utilisation/perplexity over the steps since the last log line; evaluated on the whole val split.
 """
 from __future__ import annotations
 
@@ -72,21 +73,21 @@ def build_losses(cfg: TrainTokenizerConfig) -> TokenizerLosses:
 
 
 def build_train_step(cfg: TrainTokenizerConfig, trainer: Trainer) -> Callable[[list, int], dict[str, float]]:
-    """Build the generator, the loss bundle and its discriminator on `trainer` (seeded, so every process starts from
+    """Build the generator, the loss bundle and its discriminators on `trainer` (seeded, so every process starts from
     the same weights) and return the stage's train_step(micro_batches, step): the G step, then the D step."""
     device = trainer.device
     torch.manual_seed(cfg.loop.seed)  # the same initial weights (and frozen codebook) on every process
     model = build_tokenizer(cfg.model)
     crit = build_losses(cfg).to(device)
     g = trainer.add("g", model, torch.optim.Adam(model.parameters(), lr=cfg.loop.lr, betas=cfg.betas), ema=True)
-    if crit.discriminator is not None:
-        d_model = crit.discriminator
-        crit.discriminator = trainer.add(
-            "d", d_model, torch.optim.Adam(d_model.parameters(), lr=cfg.loop.lr, betas=cfg.betas))
+    d = None  # every discriminator as one model "d" (Discriminators), called through its DDP wrapper when there is one
+    if len(crit.discriminators):
+        d = trainer.add("d", crit.discriminators,
+                        torch.optim.Adam(crit.discriminators.parameters(), lr=cfg.loop.lr, betas=cfg.betas))
     usage = CodebookUsage(cfg.model.num_codes, device=device)
 
     def train_step(micro, step: int) -> dict[str, float]:
-        gan_on = crit.discriminator is not None and step >= cfg.disc_start
+        gan_on = d is not None and step >= cfg.disc_start
         # D is in the generator's graph (gan/g, weighted 0 before disc_start; the trainer keeps it frozen there)
         weights = {**cfg.losses.weights, **({} if gan_on else {"gan/g": 0.0})}
         x_hats = []
@@ -96,12 +97,12 @@ def build_train_step(cfg: TrainTokenizerConfig, trainer: Trainer) -> Callable[[l
             out = g(x)
             usage.update(out.codes)
             x_hats.append(out.x_hat.detach())  # the D step below judges these same reconstructions
-            return {**out.losses, **crit.generator_losses(x, out.x_hat)}
+            return {**out.losses, **crit.generator_losses(x, out.x_hat, d)}
 
         logs = trainer.step("g", micro, generator_losses, weights)
         if gan_on:
             fakes = iter(x_hats)
-            logs |= trainer.step("d", micro, lambda batch: crit.discriminator_losses(batch.x.to(device), next(fakes)),
+            logs |= trainer.step("d", micro, lambda b: crit.discriminator_losses(b.x.to(device), next(fakes), d),
                                  {"gan/d": 1.0})
         if (step + 1) % cfg.loop.log_every == 0:
             counts = trainer.accelerator.reduce(usage.counts.clone(), "sum")

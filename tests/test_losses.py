@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipelines.lpips_weights import build_lpips, lpips_for_losses
-from tokenizer.losses import (DISCRIMINATORS, LPIPS, LossConfig, PatchDiscriminator, TokenizerLosses,
+from tokenizer.losses import (DISCRIMINATORS, LPIPS, Discriminators, LossConfig, PatchDiscriminator, TokenizerLosses,
                               feature_matching_loss, hinge_d_loss, lpips_from_state_dicts, non_saturating_g_loss,
                               recon_l1, recon_l2, weighted_sum)
 
@@ -135,7 +135,7 @@ def test_tokenizer_losses_generator_and_discriminator_steps():
 
 def test_zero_weights_skip_networks_and_unknown_names_fail():
     crit = TokenizerLosses(LossConfig(weights={"recon/l1": 1.0, "vq/commit": 1.0}), in_channels=1, dims=1)
-    assert crit.lpips is None and len(crit.discriminators) == 0 and crit.discriminator is None
+    assert crit.lpips is None and len(crit.discriminators) == 0
     assert set(crit.generator_losses(torch.zeros(1, 1, 8), torch.ones(1, 1, 8))) == {"recon/l1", "recon/l2"}
     with pytest.raises(KeyError, match="recon/L1"):
         TokenizerLosses(LossConfig(weights={"recon/L1": 1.0}))
@@ -165,7 +165,8 @@ def test_same_seed_gives_today_s_discriminator_and_losses():
     d_keys = ["net.0.weight", "net.0.bias", "net.2.weight", "net.3.weight", "net.3.bias", "net.3.running_mean",
               "net.3.running_var", "net.3.num_batches_tracked", "net.5.weight", "net.6.weight", "net.6.bias",
               "net.6.running_mean", "net.6.running_var", "net.6.num_batches_tracked", "net.8.weight", "net.8.bias"]
-    assert list(crit.discriminators["patch"].state_dict()) == d_keys  # the "d" weights of today's checkpoints
+    assert list(crit.discriminators["patch"].state_dict()) == d_keys  # the "d" weights of 024447c's checkpoints
+    assert list(crit.discriminators.state_dict()) == [f"patch.{k}" for k in d_keys]  # "d" now: one model, prefixed
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
     x_hat = x + 0.1 * torch.randn(x.shape, generator=g)
@@ -219,25 +220,60 @@ def test_discriminators_are_a_dict_of_kinds_and_their_losses_add_up(monkeypatch)
         d = crit.discriminator_losses(x, x_hat)["gan/d"]
         parts = [hinge_d_loss(patch(x), patch(x_hat))] + [hinge_d_loss(r, f) for r, f in zip(two(x), two(x_hat))]
         torch.testing.assert_close(d, sum(parts))
-    with pytest.raises(RuntimeError, match="use `discriminators`"):
-        crit.discriminator
+    with torch.no_grad():  # one module runs them all: {name: [logits, ...]}
+        out = crit.discriminators(x)
+    assert list(out) == ["patch", "two-scales"] and [len(v) for v in out.values()] == [1, 2]
+    assert hasattr(crit, "discriminators") and not hasattr(crit, "discriminator")  # the single-D shim is gone
+    with pytest.raises(ValueError, match=r"names \['patch'\] more than once"):
+        TokenizerLosses(LossConfig(weights=weights, discriminators=("patch", "two-scales", "patch")))
     with pytest.raises(KeyError, match=r"unknown discriminator 'mpd'.*\['patch', 'two-scales'\]"):
         TokenizerLosses(LossConfig(weights=weights, discriminators=("mpd",)))
     with pytest.raises(ValueError, match="`discriminators` setting is empty"):
         TokenizerLosses(LossConfig(weights=weights, discriminators=()))
 
 
-def test_single_discriminator_attribute_still_works_for_the_training_loop():
-    """pipelines/train_tokenizer.py reads `crit.discriminator` and assigns the accelerate-wrapped module back."""
-    crit = TokenizerLosses(LossConfig(weights={"gan/g": 0.1}, disc_channels=8, disc_layers=2))
-    patch = crit.discriminators["patch"]
-    assert crit.discriminator is patch
-    wrapped = nn.Sequential(patch)  # stands in for accelerate's wrapper
-    crit.discriminator = wrapped
-    assert crit.discriminators["patch"] is wrapped and crit.discriminator is wrapped
-    assert "discriminator" not in crit._modules  # replaced in the dict, not registered a second time
+class Counting(nn.Module):
+    """Stands in for the DDP wrapper the trainer returns: calls the wrapped module and counts the calls."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.module(x)
+
+
+def test_losses_call_the_given_module_once_per_input(monkeypatch):
+    """Under DDP only a call to the wrapper's forward all-reduces the discriminators' gradients: both loss methods
+    call the module passed as `d` (one call for x_hat, then one for x and one for x_hat), never the children."""
+    monkeypatch.setitem(DISCRIMINATORS, "two-scales", lambda cfg, in_channels, dims: TwoScales(in_channels))
+    cfg = LossConfig(weights={"gan/g": 0.1}, discriminators=("patch", "two-scales"), disc_channels=8, disc_layers=2)
+    crit = TokenizerLosses(cfg)
+    wrapped, children = Counting(crit.discriminators), []
+    for name, child in crit.discriminators.items():
+        child.register_forward_hook(lambda module, args, out, name=name: children.append(name))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert set(crit.discriminator_losses(x, x)) == {"gan/d", "gan/logits_real", "gan/logits_fake"}
+    assert set(crit.generator_losses(x, x, d=wrapped)) == {"recon/l1", "recon/l2", "gan/g"}
+    assert wrapped.calls == 1 and children == ["patch", "two-scales"]  # every child ran inside the one call
+    assert set(crit.discriminator_losses(x, x, d=wrapped)) == {"gan/d", "gan/logits_real", "gan/logits_fake"}
+    assert wrapped.calls == 3 and children == ["patch", "two-scales"] * 3
+    crit.generator_losses(x, x)  # no `d`: the unwrapped Discriminators, still one call
+    assert wrapped.calls == 3 and children == ["patch", "two-scales"] * 4
+
+
+def test_one_discriminator_loads_the_unprefixed_weights_of_older_checkpoints():
+    """Checkpoints written before the dict of discriminators hold the single PatchGAN's keys without `patch.`."""
+    torch.manual_seed(0)
+    old = PatchDiscriminator(ch=8, n_layers=2)
+    torch.manual_seed(1)
+    d = Discriminators({"patch": PatchDiscriminator(ch=8, n_layers=2)})
+    d.load_state_dict(old.state_dict())
+    assert all(torch.equal(v, old.state_dict()[k.removeprefix("patch.")]) for k, v in d.state_dict().items())
+    d.load_state_dict(d.state_dict())  # the prefixed keys load as they are
+    two = Discriminators({"patch": PatchDiscriminator(ch=8, n_layers=2), "other": nn.Conv2d(3, 1, 3)})
+    with pytest.raises(RuntimeError, match="Missing key"):  # with two, unprefixed keys are ambiguous: refused
+        two.load_state_dict(old.state_dict())
 
 
 def test_feature_matching_by_hand():

@@ -11,12 +11,13 @@ that are logged:
                          weight is non-zero; gan/logits_real, gan/logits_fake are diagnostics
     vq/commit            comes from the model (AEOutput.losses), not from here
 
-The discriminators are a dict (`TokenizerLosses.discriminators`, kinds in `DISCRIMINATORS`), so the audio recipe's
-discriminators can sit beside or instead of the PatchGAN. This package opens no file: LPIPS is passed in already
-built (`pipelines.lpips_weights.build_lpips` reads the weight files; `lpips_from_state_dicts` builds it from tensors).
+The discriminators are a dict (`TokenizerLosses.discriminators`, a `Discriminators` module, kinds in `DISCRIMINATORS`),
+so the audio recipe's discriminators can sit beside or instead of the PatchGAN; they train as one model. This package
+opens no file: LPIPS is passed in already built (`pipelines.lpips_weights.build_lpips` reads the weight files;
+`lpips_from_state_dicts` builds it from tensors).
 
-Layout: `lpips.py` (VGG16 features + LPIPS heads), `discriminators.py` (PatchGAN + registry), `gan.py` (adversarial
-losses), this file (config, recon terms, weighting, the `TokenizerLosses` bundle).
+Layout: `lpips.py` (VGG16 features + LPIPS heads), `discriminators.py` (PatchGAN, registry, `Discriminators`),
+`gan.py` (adversarial losses), this file (config, recon terms, weighting, the `TokenizerLosses` bundle).
 """
 
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .discriminators import DISCRIMINATORS, PatchDiscriminator, build_discriminator, discriminator_logits
+from .discriminators import (DISCRIMINATORS, Discriminators, PatchDiscriminator, build_discriminator,
+                             discriminator_logits)
 from .gan import feature_matching_loss, hinge_d_loss, non_saturating_g_loss
 from .lpips import LPIPS, VGG16_CHANNELS, VGG16Features, lpips_from_state_dicts
 
@@ -76,8 +78,10 @@ class TokenizerLosses(nn.Module):
     Generator step:  losses = {**ae_out.losses, **crit.generator_losses(x, ae_out.x_hat)}
                      weighted_sum(losses, cfg.weights).backward()
     Discriminator:   crit.discriminator_losses(x, ae_out.x_hat)["gan/d"].backward()
-    `crit.discriminators` is an nn.ModuleDict (empty when the gan/g weight is 0), e.g. {"patch": PatchDiscriminator}.
-    The generator step also leaves gradients on the discriminators: zero them before their own step.
+    `crit.discriminators` is a `Discriminators` module, an nn.ModuleDict (empty when the gan/g weight is 0), e.g.
+    {"patch": PatchDiscriminator}. Train it as one model; both loss methods take `d=`, the module to call in its place
+    (its DDP wrapper, from `Trainer.add`), and call it once per input (x_hat, or x then x_hat).
+    The generator step also leaves gradients on the discriminators unless they are frozen: zero them before their step.
     """
 
     def __init__(self, cfg: LossConfig, in_channels: int = 3, dims: int = 2, lpips: nn.Module | None = None):
@@ -96,60 +100,46 @@ class TokenizerLosses(nn.Module):
                                  "with pipelines.lpips_weights.build_lpips(cfg.vgg16_path, cfg.lpips_lin_path) "
                                  "(or tokenizer.losses.lpips_from_state_dicts), or set that weight to 0")
             self.lpips = lpips
-        self.discriminators = nn.ModuleDict()
+        self.discriminators = Discriminators()
         if cfg.weights.get("gan/g", 0.0) != 0:
             if not cfg.discriminators:
                 raise ValueError("the `gan/g` weight is non-zero but the `discriminators` setting is empty; "
                                  f"name some of {sorted(DISCRIMINATORS)} or set the `gan/g` weight to 0")
+            twice = sorted({name for name in cfg.discriminators if cfg.discriminators.count(name) > 1})
+            if twice:
+                raise ValueError(f"the `discriminators` setting names {twice} more than once; name each kind once")
             for name in cfg.discriminators:
                 self.discriminators[name] = build_discriminator(name, cfg, in_channels, dims)
 
-    def generator_losses(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    def generator_losses(self, x: torch.Tensor, x_hat: torch.Tensor,
+                         d: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Named generator losses; `d` is the module called for `self.discriminators` (e.g. its DDP wrapper)."""
         out = {"recon/l1": recon_l1(x, x_hat), "recon/l2": recon_l2(x, x_hat)}
         if self.lpips is not None:
             out["perceptual/lpips"] = self.lpips(x, x_hat).mean()
         if len(self.discriminators):
-            terms = [non_saturating_g_loss(logits) for d in self.discriminators.values()
-                     for logits in discriminator_logits(d, x_hat)]
+            terms = [non_saturating_g_loss(logits) for logits in self._logits(d, x_hat)]
             out["gan/g"] = torch.stack(terms).sum()
         return out
 
-    def discriminator_losses(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    def discriminator_losses(self, x: torch.Tensor, x_hat: torch.Tensor,
+                             d: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The hinge D loss summed over every discriminator's logits; `d` as in `generator_losses`."""
         if not len(self.discriminators):
             raise RuntimeError("no discriminator: the `gan/g` weight is 0, so there is no D step to take")
-        real, fake = [], []
-        for d in self.discriminators.values():  # real before fake, per discriminator: BatchNorm statistics see both
-            real += discriminator_logits(d, x)
-            fake += discriminator_logits(d, x_hat.detach())
+        real = self._logits(d, x)  # real before fake: BatchNorm statistics see both
+        fake = self._logits(d, x_hat.detach())
         return {"gan/d": torch.stack([hinge_d_loss(r, f) for r, f in zip(real, fake)]).sum(),
                 "gan/logits_real": torch.stack([r.detach().mean() for r in real]).mean(),
                 "gan/logits_fake": torch.stack([f.detach().mean() for f in fake]).mean()}
 
-    # Today's single-discriminator interface, kept while pipelines/train_tokenizer.py still uses it (issue 9):
-    # `crit.discriminator` is the only discriminator or None; assigning it (e.g. the accelerate-wrapped module)
-    # replaces that entry of `discriminators`. New code uses `discriminators`.
-    @property
-    def discriminator(self) -> nn.Module | None:
-        if len(self.discriminators) > 1:
-            raise RuntimeError(f"{len(self.discriminators)} discriminators ({list(self.discriminators)}); "
-                               "use `discriminators`")
-        return next(iter(self.discriminators.values()), None)
-
-    @discriminator.setter
-    def discriminator(self, module: nn.Module) -> None:
-        if len(self.discriminators) != 1:
-            raise RuntimeError(f"`discriminator` can only replace a single discriminator, there are "
-                               f"{list(self.discriminators)}; assign into `discriminators` instead")
-        self.discriminators[next(iter(self.discriminators))] = module
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "discriminator":  # nn.Module.__setattr__ would register a new submodule and skip the setter
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    def _logits(self, d: nn.Module | None, x: torch.Tensor) -> list[torch.Tensor]:
+        """One call of all the discriminators on `x`: their logits flattened, in `self.discriminators` order."""
+        out = (self.discriminators if d is None else d)(x)
+        return [logits for name in self.discriminators for logits in out[name]]
 
 
 __all__ = ["GENERATOR_LOSSES", "LossConfig", "TokenizerLosses", "recon_l1", "recon_l2", "weighted_sum",
-           "DISCRIMINATORS", "PatchDiscriminator", "build_discriminator", "discriminator_logits",
+           "DISCRIMINATORS", "Discriminators", "PatchDiscriminator", "build_discriminator", "discriminator_logits",
            "feature_matching_loss", "hinge_d_loss", "non_saturating_g_loss",
            "LPIPS", "VGG16_CHANNELS", "VGG16Features", "lpips_from_state_dicts"]

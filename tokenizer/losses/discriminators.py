@@ -2,7 +2,8 @@
 
 A discriminator maps (B, C, *S) to logits: one tensor, or a list of tensors when it holds several sub-discriminators
 (the audio recipe's multi-period and multi-resolution discriminators). `TokenizerLosses` keeps the ones named in
-`LossConfig.discriminators` in an `nn.ModuleDict` under these names, so new kinds sit beside or instead of the PatchGAN.
+`LossConfig.discriminators` in a `Discriminators` module (an `nn.ModuleDict` under these names whose forward runs them
+all), so new kinds sit beside or instead of the PatchGAN and train as one model with one optimiser.
 """
 
 from typing import TYPE_CHECKING, Callable
@@ -64,6 +65,34 @@ def build_discriminator(name: str, cfg: "LossConfig", in_channels: int, dims: in
         raise KeyError(f"unknown discriminator {name!r} (setting `discriminators`); "
                        f"choose from {sorted(DISCRIMINATORS)}")
     return DISCRIMINATORS[name](cfg, in_channels, dims)
+
+
+class Discriminators(nn.ModuleDict):
+    """Every discriminator of a recipe as one module: `forward(x) -> {name: [logits, ...]}`, in insertion order.
+
+    Training calls this module (or its DDP wrapper, from `Trainer.add`) once per input rather than each child
+    directly: DDP only all-reduces the gradients of a backward that follows a call to its own forward.
+    State dict keys are `<name>.<key>`; `load_state_dict` also takes a single discriminator's keys without the
+    prefix when there is exactly one (the `d.safetensors` of checkpoints written before the dict of discriminators).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module] | None = None):
+        super().__init__(modules)
+        self.register_load_state_dict_pre_hook(_add_single_prefix)
+
+    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        return {name: discriminator_logits(d, x) for name, d in self.items()}
+
+
+def _add_single_prefix(module: Discriminators, state_dict: dict, prefix: str, *args) -> None:
+    """Load-time hook: with exactly one discriminator, keys that lack its `<name>.` prefix get it (in place)."""
+    if len(module) != 1:
+        return
+    name = next(iter(module))
+    own = [k for k in state_dict if k.startswith(prefix)]
+    if own and not any(k.startswith(f"{prefix}{name}.") for k in own):
+        for k in own:
+            state_dict[f"{prefix}{name}.{k[len(prefix):]}"] = state_dict.pop(k)
 
 
 def discriminator_logits(discriminator: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
