@@ -1,21 +1,32 @@
-"""The tokenizer stage end to end on digits: training lowers the loss, resume is exact, reconstruct reads it back."""
+"""The tokenizer stage end to end on digits: training lowers the loss, resume is exact, reconstruct reads it back;
+several discriminators train as one model "d", under DDP too."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from data.reader import media_loader
 from pipelines import reconstruct, train_tokenizer
 from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_tokenizer
 from data.errors import UserError
 from pipelines.config import from_dict, parse_config
-from pipelines.trainer import EMA
-from tokenizer import TokenizerConfig, build_tokenizer
+from pipelines.trainer import EMA, Trainer
+from tokenizer import TokenizerConfig, TokenizerLosses, build_tokenizer
+from tokenizer.losses import DISCRIMINATORS, Discriminators, hinge_d_loss, non_saturating_g_loss
 from tokenizer.quantizers import build_quantizer
+
+from test_losses import TwoScales
 
 TINY = ["--batch_size=16", "--model.size=tiny", "--model.num_codes=64", "--losses.disc_layers=2",
         '--losses.weights={"recon/l1": 1.0, "gan/g": 0.1, "vq/commit": 1.0}', "--loop.lr=1e-3"]
+
+
+def two_scales(cfg, in_channels: int, dims: int) -> TwoScales:
+    """A second discriminator kind, with two outputs (as MPD/MRD), for the registry."""
+    return TwoScales(in_channels)
 
 
 def train(argv):
@@ -50,38 +61,77 @@ def test_resume_matches_uninterrupted_run(digits_shards, tmp_path):
     common = TINY + [f"--data={digits_shards}", "--loop.log_every=1", "--loop.eval_every=1000", "--loop.ckpt_every=3"]
     train(common + [f"--out={tmp_path / 'a'}", "--loop.steps=6"])
     train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=3"])  # "interrupted" after step 3
+    # c: the same checkpoint as written before the dict of discriminators (the one PatchGAN's keys, no "patch.")
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    d_file = str(latest_checkpoint(tmp_path / "c") / "d.safetensors")
+    save_file({k.removeprefix("patch."): v for k, v in load_file(d_file).items()}, d_file)
     with pytest.raises(UserError, match="already holds checkpoints: pass --loop.resume=true"):
         train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6"])
-    train(common + [f"--out={tmp_path / 'b'}", "--loop.steps=6", "--loop.resume=true"])
-    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
-    assert a.name == b.name == "step-000000006"
-    for name in ("model", "raw", "d"):
-        wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=1e-5), (name, k)
+    for run in ("b", "c"):
+        train(common + [f"--out={tmp_path / run}", "--loop.steps=6", "--loop.resume=true"])
+    a = latest_checkpoint(tmp_path / "a")
+    assert list(load_file(str(a / "d.safetensors")))[0].startswith("patch.")
     la = [r["recon/l1"] for r in read_log(tmp_path / "a") if "recon/l1" in r]
-    lb = [r["recon/l1"] for r in read_log(tmp_path / "b") if "recon/l1" in r]
-    assert la == pytest.approx(lb, rel=1e-5)  # the same loss curve
+    for run in ("b", "c"):
+        b = latest_checkpoint(tmp_path / run)
+        assert a.name == b.name == "step-000000006"
+        for name in ("model", "raw", "d"):
+            wa, wb = load_file(str(a / f"{name}.safetensors")), load_file(str(b / f"{name}.safetensors"))
+            assert wa.keys() == wb.keys()
+            for k in wa:
+                assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=1e-5), (run, name, k)
+        lb = [r["recon/l1"] for r in read_log(tmp_path / run) if "recon/l1" in r]
+        assert la == pytest.approx(lb, rel=1e-5)  # the same loss curve
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_train_tokenizer import two_scales
+from pipelines import train_tokenizer
+from pipelines.cli import run
+from pipelines.trainer import Trainer
+from tokenizer.losses import DISCRIMINATORS
+
+DISCRIMINATORS["two-scales"] = two_scales
+fit = Trainer.fit
+
+def fit_and_save_parameters(self, *args, **kwargs):  # every process's final parameters, compared across ranks
+    out = fit(self, *args, **kwargs)
+    params = {{f"{{n}}/{{k}}": p.detach() for n in self.models for k, p in self.unwrap(n).named_parameters()}}
+    torch.save(params, self.run_dir / f"params-rank{{self.accelerator.process_index}}.pt")
+    return out
+
+Trainer.fit = fit_and_save_parameters
+run(train_tokenizer.main, train_tokenizer.TrainTokenizerConfig)
+"""
 
 
 def test_two_processes_train_on_the_same_code_path(digits_shards, tmp_path):
-    """`torchrun`/`accelerate launch` with 2 CPU processes (gloo): one run, one checkpoint, val reduced over ranks."""
+    """`torchrun`/`accelerate launch` with 2 CPU processes (gloo): one run, one checkpoint, val reduced over ranks;
+    with two discriminators the generator and every discriminator end with the same parameters on both processes
+    (a discriminator called outside the DDP wrapper would not have its gradients all-reduced)."""
     import os
     import subprocess
     import sys
-    run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "pipelines.train_tokenizer",
+    run, script = tmp_path / "ddp", tmp_path / "train_with_two_scales.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
            *TINY, f"--data={digits_shards}", f"--out={run}", "--loop.steps=2", "--loop.log_every=1",
-           "--loop.eval_every=2", "--loop.ckpt_every=2", "--batch_size=8"]
+           "--loop.eval_every=2", "--loop.ckpt_every=2", "--batch_size=8", "--losses.discriminators=patch,two-scales"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [c.name for c in (run / "checkpoints").iterdir()] == ["step-000000002"]
     logs = read_log(run)
     assert [r["step"] for r in logs if "recon/l1" in r] == [1, 2]  # the main process logs, once per step
+    assert all("gan/d" in r for r in logs if "recon/l1" in r)
     val = [r for r in logs if "val/samples" in r][-1]
     assert val["val/samples"] == json.loads((digits_shards / "manifest.json").read_text())["counts"]["val"]
+    ranks = [torch.load(run / f"params-rank{i}.pt", weights_only=True) for i in (0, 1)]
+    assert {k.split(".")[0] for k in ranks[0] if k.startswith("d/")} == {"d/patch", "d/two-scales"}
+    assert [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])] == []  # none out of sync
 
 
 def test_ema_averages_changing_buffers_and_leaves_the_frozen_codebook_alone():
@@ -179,23 +229,52 @@ def test_fp16_loss_scaler_state_survives_resume(tmp_path):
     assert resumed.accelerator.scaler.state_dict() == saved
 
 
-def test_generator_step_leaves_no_gradient_on_the_discriminator(digits_shards, tmp_path, monkeypatch):
-    """D is in the generator's graph (gan/g); its weights must get nothing from G's backward, which under DDP was
-    also all-reduced on every generator micro-step."""
-    from pipelines.trainer import Trainer
-    seen = []
-    original = Trainer._optimizer_step
+@pytest.mark.parametrize("kinds", ["patch", "patch,two-scales"])
+def test_discriminators_train_as_one_model(digits_shards, tmp_path, monkeypatch, kinds):
+    """Every discriminator is in the one model "d": the generator's step leaves no gradient on any of them (they sit in
+    its graph through gan/g; under DDP that was also all-reduced every generator micro-step), the D step trains them
+    all, and gan/g and gan/d are the sums over every discriminator's logits from one call of them all per input."""
+    monkeypatch.setitem(DISCRIMINATORS, "two-scales", two_scales)
+    grads, outs, sums = {"g": [], "d": []}, [], []
+    optimizer_step, forward = Trainer._optimizer_step, Discriminators.forward
+    g_losses, d_losses = TokenizerLosses.generator_losses, TokenizerLosses.discriminator_losses
 
-    def spy(self, name):
-        if name == "g":
-            seen.append([p.grad for p in self.unwrap("d").parameters()])
-        return original(self, name)
+    def spy_step(self, name):
+        grads[name].append({k: p.grad for k, p in self.unwrap("d").named_parameters()})
+        return optimizer_step(self, name)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", spy)
-    train(TINY + [f"--data={digits_shards}", f"--out={tmp_path / 'run'}", "--loop.steps=2",
-          "--loop.grad_accum=2", "--batch_size=4", "--loop.log_every=1",
-          "--loop.eval_every=1000"])
-    assert len(seen) == 2 and all(g is None for grads in seen for g in grads)
+    def spy_forward(self, x):
+        outs.append(forward(self, x))
+        return outs[-1]
+
+    def spy_g(self, *args):
+        outs.clear()
+        got = g_losses(self, *args)
+        (fake,) = outs  # one call for all of them
+        sums.append((got["gan/g"], sum(non_saturating_g_loss(f) for name in fake for f in fake[name])))
+        return got
+
+    def spy_d(self, *args):
+        outs.clear()
+        got = d_losses(self, *args)
+        real, fake = outs  # one call on x, one on x_hat
+        sums.append((got["gan/d"], sum(hinge_d_loss(r, f) for name in real for r, f in zip(real[name], fake[name]))))
+        return got
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", spy_step)
+    monkeypatch.setattr(Discriminators, "forward", spy_forward)
+    monkeypatch.setattr(TokenizerLosses, "generator_losses", spy_g)
+    monkeypatch.setattr(TokenizerLosses, "discriminator_losses", spy_d)
+    train(TINY + [f"--data={digits_shards}", f"--out={tmp_path / 'run'}", "--loop.steps=2", "--loop.grad_accum=2",
+                  "--batch_size=4", "--loop.log_every=1", "--loop.eval_every=1000", f"--losses.discriminators={kinds}"])
+    assert {k.split(".")[0] for k in grads["d"][0]} == set(kinds.split(","))
+    assert len(grads["g"]) == 2 and all(g is None for step in grads["g"] for g in step.values())
+    assert len(grads["d"]) == 2 and all(g is not None for step in grads["d"] for g in step.values())
+    for name in kinds.split(","):  # (a last conv's bias gets exactly 0 from the hinge while every |logit| < 1)
+        assert all(sum(g.abs().sum() for k, g in step.items() if k.startswith(f"{name}.")) > 0 for step in grads["d"])
+    assert len(sums) == 8  # 2 steps x 2 micro-batches x (G, D)
+    for got, expected in sums:
+        torch.testing.assert_close(got, expected)
 
 
 def test_frozen_discriminator_is_not_all_reduced_under_ddp(tmp_path):
