@@ -210,8 +210,9 @@ def plot_against_k(rows: list[dict], out: Path) -> Path | None:
 def main(cfg: CompareConfig) -> Path:
     for p in cfg.presets:  # a typo in a preset or a [stage] table fails before hours of training, not after
         parse_preset(p)
-    for stage in STAGES:
-        stage_config(cfg, stage)
+    for stage, (_, cls) in STAGES.items():  # with stand-ins for the paths each preset fills in
+        paths = {f.name: "<per preset>" for f in dataclasses.fields(cls) if f.metadata.get("required")}
+        stage_config(cfg, stage, **paths)
     rows = [run_preset(cfg, p) for p in cfg.presets]
     report = write_report(cfg, rows)
     print(f"[compare] report: {report}")
