@@ -134,7 +134,8 @@ class EvalCache:
             self.entry = None
             return compute()
         # Not via nn.Module attributes named `_version`: that name is the state_dict version number.
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in [*module.parameters(), *module.buffers()])
+        tensors = [*module.parameters(), *module.buffers()]
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
         if self.entry is None or self.entry[0] != key:
             self.entry = (key, compute())
         return self.entry[1]
