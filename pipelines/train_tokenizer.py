@@ -37,6 +37,7 @@ class TrainTokenizerConfig:
     out: str = required()  # run directory: checkpoints/, log.jsonl, tb/, recon-*.png
     batch_size: int = 64  # micro-batch per process
     num_workers: int = 0  # DataLoader workers per process
+    shuffle_buffer: int = 1_000  # samples mixed by the train reader (shards are resampled and written shuffled)
     disc_start: int = 0  # step at which the GAN losses switch on (the paper: 0)
     eval_batches: int = 0  # 0 = the whole val split
     betas: tuple[float, float] = (0.5, 0.9)  # Adam betas for G and D (spec §3)
@@ -129,7 +130,8 @@ def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
         epoch, skip = resume_position(start, epoch_len, cfg.num_workers)
         while True:
             yield from media_loader(cfg.data, "train", cfg.batch_size, train=True, seed=cfg.loop.seed, epoch=epoch,
-                                    epoch_len=epoch_len, num_workers=cfg.num_workers, skip_batches=skip)
+                                    epoch_len=epoch_len, num_workers=cfg.num_workers, skip_batches=skip,
+                                    shuffle_buffer=cfg.shuffle_buffer)
             epoch, skip = epoch + 1, 0
 
     def evaluate(step: int) -> dict[str, float]:

@@ -312,3 +312,23 @@ def test_frozen_discriminator_is_not_all_reduced_under_ddp(tmp_path):
         assert calls and all(p.grad is not None for p in d.parameters())
     finally:
         dist.destroy_process_group()
+
+
+
+def test_shuffle_buffer_reaches_the_reader(monkeypatch, tmp_path, digits_shards):
+    """Issue 8 item 1: the train reader's shuffle buffer is a setting."""
+    from pipelines.config import parse_config
+
+    class Seen(Exception):
+        pass
+
+    def loader(*args, **kwargs):
+        raise Seen(kwargs.get("shuffle_buffer"))
+
+    monkeypatch.setattr(train_tokenizer, "media_loader", loader)
+    cfg = parse_config(train_tokenizer.TrainTokenizerConfig, [f"--data={digits_shards}", f"--out={tmp_path}",
+                                                               "--shuffle_buffer=37", "--loop.steps=1",
+                                                               '--losses.weights={"recon/l1": 1}'])
+    with pytest.raises(Seen) as e:
+        train_tokenizer.main(cfg)
+    assert e.value.args == (37,)
