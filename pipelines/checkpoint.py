@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
-from data.files import atomic_path, sha256_file
+from data.files import TEMP_MARK, atomic_path, sha256_file
 
 CHECKPOINT_VERSION = 1
 
@@ -101,10 +101,13 @@ def weights_sha256(path: str | Path) -> str:
     return sha256_file(Path(path) / "model.safetensors")
 
 
+PRIOR_HINT = "train one with `python -m pipelines.train_prior --tokens=<token shards of this tokenizer>`"
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete `step-*` checkpoint in `<run_dir>/checkpoints`, or None."""
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-[0-9]*"))
-    ckpts = [c for c in ckpts if ".tmp-" not in c.name and ".old-" not in c.name and (c / "config.json").is_file()]
+    ckpts = [c for c in ckpts if TEMP_MARK not in c.name and ".old-" not in c.name and (c / "config.json").is_file()]
     return ckpts[-1] if ckpts else None
 
 
@@ -138,11 +141,10 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu"):
     """(Prior in eval mode with the exported weights, checkpoint dir, its config.json) — rebuilt from config.json."""
     from pipelines.config import from_dict
     from prior import PriorConfig, build_prior
-    hint = "train one with `python -m pipelines.train_prior --tokens=<token shards of this tokenizer>`"
-    ckpt = resolve_checkpoint(path, hint=hint)
+    ckpt = resolve_checkpoint(path, hint=PRIOR_HINT)
     config, weights = load_checkpoint(ckpt)
     if config.get("kind") != "prior":
-        raise WrongCheckpoint(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a prior; {hint}")
+        raise WrongCheckpoint(f"{ckpt} holds a {config.get('kind')!r} checkpoint, not a prior; {PRIOR_HINT}")
     prior = build_prior(from_dict(PriorConfig, config["config"]))
     prior.load_state_dict(weights["model"])  # strict
     return prior.to(device).eval(), ckpt, config

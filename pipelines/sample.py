@@ -34,7 +34,8 @@ from data.errors import UserError
 from data.files import sha256_file, write_bytes_atomic, write_text_atomic
 from data.media import MediaSpec, modality_of, to_file_bytes
 from data.shards import MANIFEST, read_manifest
-from pipelines.checkpoint import checkpoint_hash, load_config, load_prior, load_tokenizer, weights_sha256
+from pipelines.checkpoint import (PRIOR_HINT, checkpoint_hash, load_config, load_prior, load_tokenizer,
+                                  weights_sha256)
 from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
@@ -43,7 +44,6 @@ from prior import Prior, SampleSettings, sample
 
 SAMPLES_FORMAT = "simvq-samples"
 SAMPLES_VERSION = 2  # 2: files under media/ in the modality's format, listed as "samples"; 1: images/*.png, "images"
-PRIOR_HINT = "train one with `python -m pipelines.train_prior --tokens=<token shards of this tokenizer>`"
 
 
 class IncompatibleCheckpoints(UserError, ValueError):
