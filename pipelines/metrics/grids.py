@@ -10,7 +10,6 @@ digits tiled 8 across (136x34 px, issue 9) are too small to see.
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from einops import rearrange
 from PIL import Image
 
 from data.files import write_bytes_atomic
+from data.image import image_to_png
 from data.media import to_uint8
 
 MIN_WIDTH = 512  # px: grids narrower than this are upscaled (nearest, integer factor)
@@ -107,14 +107,8 @@ def class_grids(shown: dict[str | None, list[torch.Tensor]], per_class: int, col
     return grids, grid(torch.cat([torch.stack(t[:cols]) for t in shown.values()]), cols)
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """uint8 (3, H, W) -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_png(image: torch.Tensor, path: str | Path) -> None:
-    """uint8 (3, H, W) -> a PNG file, written whole or not at all."""
+    """uint8 (3, H, W) -> a PNG file (data.image's PNG writer), written whole or not at all."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, png_bytes(image))
+    pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+    write_bytes_atomic(path, image_to_png(Image.fromarray(pixels)))
