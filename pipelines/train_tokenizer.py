@@ -51,8 +51,8 @@ def check_names(model: TokenizerConfig) -> None:
     if model.quantizer not in QUANTIZERS:
         raise ConfigError(f"--model.quantizer={model.quantizer!r} is unknown: choose one of {sorted(QUANTIZERS)}")
     try:
-        get_arch(model.arch).latent_channels(model.size)
-    except KeyError as e:
+        get_arch(model.arch).size(model.size, model.net)
+    except (KeyError, TypeError) as e:
         raise ConfigError(f"--model.arch={model.arch!r} --model.size={model.size!r}: {e.args[0]}") from None
 
 

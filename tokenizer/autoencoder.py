@@ -24,6 +24,9 @@ from .quantizers.options import (OPTIONS, EMAVQOptions, FSQOptions, LFQOptions, 
 class TokenizerConfig:
     arch: str = "conv"            # encoder/decoder family, a key of tokenizer.nets.ARCHS
     size: str = "tiny"            # a size of that arch (conv: "tiny", "s", "b", "audio-s")
+    # Single fields of that size replaced, e.g. {"ch": 32, "conv_bias": false}: widths no preset has (a converted
+    # official checkpoint records its own here). Empty = the preset as it is.
+    net: dict[str, Any] = field(default_factory=dict)
     dims: int = 2                 # 2 = images (B, C, H, W); 1 = audio (B, C, T)
     in_channels: int = 3          # 3 for RGB, 1 for mono audio / grayscale
     quantizer: str = "simvq"      # name in tokenizer.quantizers.QUANTIZERS
@@ -93,8 +96,9 @@ class VQAutoencoder(nn.Module):
 
 def build_tokenizer(cfg: TokenizerConfig) -> VQAutoencoder:
     arch = get_arch(cfg.arch)
-    dim = arch.latent_channels(cfg.size)  # checks the size before anything is built
+    size = arch.size(cfg.size, cfg.net)  # checks the size and its overrides before anything is built
     # The quantizer is built before the nets: the seeded initial weights depend on this order.
-    quantizer = build_quantizer(cfg.quantizer, dim=dim, num_codes=cfg.num_codes, **cfg.quantizer_options())
-    encoder, decoder = arch.build(cfg.size, dims=cfg.dims, in_channels=cfg.in_channels)
-    return VQAutoencoder(encoder, quantizer, decoder, downsample_factor=arch.downsample_factor(cfg.size))
+    quantizer = build_quantizer(cfg.quantizer, dim=size.z_channels, num_codes=cfg.num_codes,
+                                **cfg.quantizer_options())
+    encoder, decoder = arch.build_nets(size, cfg.dims, cfg.in_channels)
+    return VQAutoencoder(encoder, quantizer, decoder, downsample_factor=size.downsample_factor)

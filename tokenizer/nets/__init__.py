@@ -8,12 +8,16 @@
 Each arch keeps its own size registry, because sizes of different families share no fields (a conv net has
 `ch_mult`, a SEANet encoder has stride `ratios`). The registry only asks a size config for two numbers,
 `z_channels` and `downsample_factor`, and asks the arch for one function, `build_nets(cfg, dims, in_channels)`.
+A tokenizer config may override single fields of a size (`TokenizerConfig.net`, e.g. {"ch": 32, "conv_bias": false}):
+how a converted official checkpoint (tokenizer/official/) states widths that no preset has, without new presets.
+
 Adding an architecture (e.g. the paper's audio tokenizer: a SEANet encoder with a Vocos decoder) is one new module
 with its sizes and its `build_nets`, plus one entry here; the `conv` code stays untouched.
 """
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from torch import nn
 
@@ -37,20 +41,40 @@ class Arch:
     # (size config, dims, in_channels) -> (encoder, decoder); the decoder outputs in_channels channels.
     build_nets: Callable[[SizeConfig, int, int], tuple[nn.Module, nn.Module]]
 
-    def size(self, size: str) -> SizeConfig:
+    def size(self, size: str, overrides: Mapping[str, Any] | None = None) -> SizeConfig:
+        """The named size's config, with single fields replaced by `overrides` (setting `net`)."""
         if size not in self.sizes:
             raise KeyError(f"unknown tokenizer size {size!r} for arch {self.name!r} (setting `size`); "
                            f"choose one of {sorted(self.sizes)}")
-        return self.sizes[size]
+        return override_fields(self.sizes[size], overrides or {}, f"arch {self.name!r} size {size!r}")
 
-    def build(self, size: str, dims: int, in_channels: int) -> tuple[nn.Module, nn.Module]:
-        return self.build_nets(self.size(size), dims, in_channels)
+    def build(self, size: str, dims: int, in_channels: int,
+              overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, nn.Module]:
+        return self.build_nets(self.size(size, overrides), dims, in_channels)
 
-    def latent_channels(self, size: str) -> int:
-        return self.size(size).z_channels
+    def latent_channels(self, size: str, overrides: Mapping[str, Any] | None = None) -> int:
+        return self.size(size, overrides).z_channels
 
-    def downsample_factor(self, size: str) -> int:
-        return self.size(size).downsample_factor
+    def downsample_factor(self, size: str, overrides: Mapping[str, Any] | None = None) -> int:
+        return self.size(size, overrides).downsample_factor
+
+
+def override_fields(base: SizeConfig, overrides: Mapping[str, Any], what: str) -> SizeConfig:
+    """`base` with some fields replaced; a list becomes a tuple where the field holds a tuple (JSON has no tuples),
+    and a value of the wrong type or an unknown field name is an error naming the setting."""
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    values = {}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise KeyError(f"unknown field {name!r} in setting `net` for {what}; choose from {sorted(fields)}")
+        default = fields[name]
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)):
+            raise TypeError(f"setting `net.{name}` = {value!r} for {what}: expected a {type(default).__name__} "
+                            f"like the default {default!r}")
+        values[name] = value
+    return dataclasses.replace(base, **values) if values else base
 
 
 ARCHS: dict[str, Arch] = {
@@ -66,4 +90,4 @@ def get_arch(name: str) -> Arch:
 
 
 __all__ = ["ARCHS", "Arch", "SizeConfig", "get_arch",
-           "NET_SIZES", "Decoder", "Encoder", "NetConfig", "get_net_config"]
+           "NET_SIZES", "Decoder", "Encoder", "NetConfig", "get_net_config", "override_fields"]

@@ -24,6 +24,11 @@ class NetConfig:
     ch_mult: tuple[int, ...] = (1, 2, 2, 4)  # channel multiplier per level; f = 2 ** (len - 1)
     num_res_blocks: int = 2               # ResBlocks per level (and in the middle)
     z_channels: int = 128                 # latent channels = codebook dim d
+    # The official SimVQ nets (tokenizer/official/image.py) differ in two details the presets keep: no bias on
+    # conv_in and on the ResBlock convs (GroupNorm follows each, so a bias there is redundant), and GroupNorm
+    # always with 32 groups. norm_groups = 0 keeps the project's rule (32, fewer on narrow layers).
+    conv_bias: bool = True                # bias on the encoder's conv_in and on every ResBlock conv and shortcut
+    norm_groups: int = 0                  # GroupNorm groups; 0 = min(32, channels // 4), dividing channels
 
     @property
     def downsample_factor(self) -> int:
@@ -48,19 +53,26 @@ def get_net_config(size: str) -> NetConfig:
     return NET_SIZES[size]
 
 
-def conv(dims: int, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
+def conv(dims: int, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0,
+         bias: bool = True) -> nn.Module:
     if dims not in (1, 2):
         raise ValueError(f"dims={dims} is not supported (setting `dims`): use 1 for audio or 2 for images")
     cls = nn.Conv1d if dims == 1 else nn.Conv2d
-    return cls(c_in, c_out, kernel, stride=stride, padding=padding)
+    return cls(c_in, c_out, kernel, stride=stride, padding=padding, bias=bias)
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    # The paper uses 32 groups; small nets (ch=32 with 32 groups = 1 channel/group, i.e. instance
-    # norm) get fewer groups so each group still pools several channels.
-    groups = min(max_groups, max(1, channels // 4))
-    while channels % groups:
-        groups -= 1
+def group_norm(channels: int, groups: int = 0) -> nn.GroupNorm:
+    """GroupNorm(eps 1e-6) with exactly `groups` groups, or with groups = 0 the project's rule: the paper's 32, but
+    small nets (ch=32 with 32 groups = 1 channel/group, i.e. instance norm) get fewer so each group still pools
+    several channels."""
+    if groups:
+        if channels % groups:
+            raise ValueError(f"norm_groups={groups} does not divide a layer of {channels} channels (setting "
+                             f"`net.norm_groups`); pick a divisor of every width, or 0 for the automatic rule")
+    else:
+        groups = min(32, max(1, channels // 4))
+        while channels % groups:
+            groups -= 1
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
@@ -80,13 +92,14 @@ class PixelShuffle1d(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, dims: int):
+    def __init__(self, c_in: int, c_out: int, dims: int, cfg: NetConfig):
         super().__init__()
-        self.norm1 = group_norm(c_in)
-        self.conv1 = conv(dims, c_in, c_out, 3, padding=1)
-        self.norm2 = group_norm(c_out)
-        self.conv2 = conv(dims, c_out, c_out, 3, padding=1)
-        self.shortcut = conv(dims, c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        bias, groups = cfg.conv_bias, cfg.norm_groups
+        self.norm1 = group_norm(c_in, groups)
+        self.conv1 = conv(dims, c_in, c_out, 3, padding=1, bias=bias)
+        self.norm2 = group_norm(c_out, groups)
+        self.conv2 = conv(dims, c_out, c_out, 3, padding=1, bias=bias)
+        self.shortcut = conv(dims, c_in, c_out, 1, bias=bias) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -124,19 +137,19 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg, self.dims = cfg, dims
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = conv(dims, in_channels, widths[0], 3, padding=1)
+        self.conv_in = conv(dims, in_channels, widths[0], 3, padding=1, bias=cfg.conv_bias)
         self.levels = nn.ModuleList()
         c = widths[0]
         for i, w in enumerate(widths):
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, w, dims))
+                blocks.append(ResBlock(c, w, dims, cfg))
                 c = w
             if i < len(widths) - 1:
                 blocks.append(conv(dims, c, c, 3, stride=2, padding=1))  # halves each even axis exactly
             self.levels.append(nn.Sequential(*blocks))
-        self.mid = nn.Sequential(*[ResBlock(c, c, dims) for _ in range(cfg.num_res_blocks)])
-        self.norm_out = group_norm(c)
+        self.mid = nn.Sequential(*[ResBlock(c, c, dims, cfg) for _ in range(cfg.num_res_blocks)])
+        self.norm_out = group_norm(c, cfg.norm_groups)
         self.conv_out = conv(dims, c, cfg.z_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,17 +170,17 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         c = widths[-1]
         self.conv_in = conv(dims, cfg.z_channels, c, 3, padding=1)
-        self.mid = nn.Sequential(*[ResBlock(c, c, dims) for _ in range(cfg.num_res_blocks)])
+        self.mid = nn.Sequential(*[ResBlock(c, c, dims, cfg) for _ in range(cfg.num_res_blocks)])
         self.levels = nn.ModuleList()
         for i in reversed(range(len(widths))):
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, widths[i], dims))
+                blocks.append(ResBlock(c, widths[i], dims, cfg))
                 c = widths[i]
             if i > 0:
                 blocks.append(Upsample(c, dims))
             self.levels.append(nn.Sequential(*blocks))
-        self.norm_out = group_norm(c)
+        self.norm_out = group_norm(c, cfg.norm_groups)
         self.conv_out = conv(dims, c, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
