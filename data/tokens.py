@@ -80,6 +80,9 @@ class TokenManifest:
     source_manifest_sha256: str  # sha256 of the media shards' manifest.json
     shards: dict[str, int] = field(default_factory=dict)  # tar files per split (= media shards per split)
     dtype: str = ""  # numpy dtype name of the stored codes; filled from num_codes
+    # Codes the project did not encode (pipelines.pack_tokens): where they came from ({"command", "codes", "labels",
+    # "sha256", "tokenizer"}); empty for encode_shards output, whose source is the media manifest above.
+    source: dict = field(default_factory=dict)
     format: str = TOKEN_FORMAT
     version: int = TOKEN_VERSION
 

@@ -84,6 +84,11 @@ def check_pair(prior: Prior, prior_config: dict, prior_ckpt: Path, tokenizer_ckp
     if recorded is None:
         raise IncompatibleCheckpoints(f"{prior_ckpt}/config.json records no token manifest, so the tokenizer it "
                                       f"was trained for is unknown; {PRIOR_HINT}")
+    if not recorded.get("tokenizer_sha256"):
+        raise IncompatibleCheckpoints(f"prior {prior_ckpt} was trained on codes packed without a tokenizer "
+                                      f"(pipelines.pack_tokens without --tokenizer), so no tokenizer is known to decode "
+                                      f"them; re-pack the codes with --tokenizer=<the checkpoint that made them> and "
+                                      f"retrain the prior")
     tok = load_config(tokenizer_ckpt)["config"]
     actual = {"tokenizer_sha256": weights_sha256(tokenizer_ckpt), "num_codes": tok["num_codes"],
               "quantizer": tok["quantizer"]}
