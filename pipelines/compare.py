@@ -10,6 +10,11 @@ side. Per-stage settings come from the TOML tables [tokenizer], [encode], [prior
 stage takes, nested tables for nested sections), shared by every preset: each becomes that stage's config dataclass
 (`stage_config`) and the stage runs as `stage.main(cfg)`.
 
+A tokenizer trained elsewhere joins as one more row: `--tokenizers='{"paper-1k": "runs/official/simvq-1k"}'` (or a
+[tokenizers] TOML table) names existing tokenizer checkpoints, e.g. the paper's released ones converted by
+`pipelines.import_official`; their rows skip train_tokenizer and run the other four stages on `data` like every preset,
+so the table compares the generators trained on each tokenizer's codes. Their wall time excludes tokenizer training.
+
 Finished stages are reused: each stage leaves `<stage>.done.json` with the exact config it ran with; a rerun skips
 it when that config is unchanged, resumes an interrupted training run, and refuses when it changed (delete the stage
 directory or pick another --out).
@@ -26,6 +31,7 @@ from typing import Any
 from data.errors import UserError
 from data.files import write_text_atomic
 from pipelines import encode_shards, evaluate, sample, train_prior, train_tokenizer
+from pipelines.checkpoint import load_config, resolve_checkpoint
 from pipelines.cli import run
 from pipelines.config import ConfigError, from_dict, merge_config, required, to_dict
 from tokenizer.quantizers import QUANTIZERS
@@ -37,6 +43,8 @@ class CompareConfig:
     out: str = "runs/compare"  # one sub-directory per preset, plus report.md and plots
     presets: tuple[str, ...] = ("simvq-1024", "simvq-8192", "simvq-65536", "vq-8192")  # <quantizer>-<K> each
     title: str = "Tokenizer impact report"  # report heading
+    # Extra rows: name -> an existing tokenizer checkpoint (e.g. pipelines.import_official's output), not trained here
+    tokenizers: dict[str, str] = field(default_factory=dict)
     tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.train_tokenizer
     encode: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.encode_shards
     prior: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.train_prior
@@ -96,19 +104,31 @@ def run_stage(stage: str, stage_dir: Path, stage_cfg: Any) -> tuple[Any, float]:
 
 
 def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
-    quantizer, k = parse_preset(preset)
+    given = cfg.tokenizers.get(preset)
     root = Path(cfg.out) / preset
     tok_dir, tokens_dir, prior_dir = root / "tokenizer", root / "tokens", root / "prior"
     samples_dir, eval_dir = root / "samples", root / "eval"
-    row: dict[str, Any] = {"preset": preset, "quantizer": quantizer, "K": k, "seconds": {}}
     stages = {  # stage -> (its directory, the settings compare decides)
-        "tokenizer": (tok_dir, dict(data=cfg.data, out=str(tok_dir), model={"quantizer": quantizer, "num_codes": k})),
+        "tokenizer": (tok_dir, dict(data=cfg.data, out=str(tok_dir))),
         "encode": (tokens_dir, dict(data=cfg.data, tokenizer=str(tok_dir), out=str(tokens_dir))),
         "prior": (prior_dir, dict(tokens=str(tokens_dir), out=str(prior_dir))),
         "sample": (samples_dir, dict(prior=str(prior_dir), tokenizer=str(tok_dir), out=str(samples_dir))),
         "evaluate": (eval_dir, dict(data=cfg.data, tokenizer=str(tok_dir), samples=str(samples_dir),
                                     out=str(eval_dir))),
     }
+    if given:
+        tok_dir = resolve_checkpoint(given, hint="convert one with `python -m pipelines.import_official`")
+        tok = load_config(tok_dir)["config"]
+        quantizer, k = tok["quantizer"], tok["num_codes"]
+        del stages["tokenizer"]
+        for _, fixed in stages.values():
+            if "tokenizer" in fixed:
+                fixed["tokenizer"] = str(tok_dir)
+    else:
+        quantizer, k = parse_preset(preset)
+        stages["tokenizer"][1]["model"] = {"quantizer": quantizer, "num_codes": k}
+    row: dict[str, Any] = {"preset": preset, "quantizer": quantizer, "K": k, "seconds": {},
+                           "tokenizer": str(tok_dir) if given else None}
     results = {}
     for stage, (directory, fixed) in stages.items():
         results[stage], row["seconds"][stage] = run_stage(stage, directory, stage_config(cfg, stage, **fixed))
@@ -160,9 +180,13 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         m = r["metrics"]
-        cells = [r["preset"], f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
+        cells = [r["preset"] + (" (given)" if r.get("tokenizer") else ""), f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
         cells.append(f"{sum(r['seconds'].values()):.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
+    given = [r for r in rows if r.get("tokenizer")]
+    if given:
+        lines += ["", "(given): a tokenizer not trained by this run (`--tokenizers`): " + "; ".join(
+            f"{r['preset']} = `{r['tokenizer']}`" for r in given) + "; its wall time excludes tokenizer training."]
     lines += ["", "Wall time per stage (s): " + "; ".join(
         f"{r['preset']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()) for r in rows), ""]
     plot = plot_against_k(rows, out)
@@ -210,10 +234,14 @@ def plot_against_k(rows: list[dict], out: Path) -> Path | None:
 def main(cfg: CompareConfig) -> Path:
     for p in cfg.presets:  # a typo in a preset or a [stage] table fails before hours of training, not after
         parse_preset(p)
+    for name, path in cfg.tokenizers.items():
+        if name in cfg.presets or "/" in name:
+            raise ConfigError(f"--tokenizers: row name {name!r} is also a preset or holds '/'; pick another name")
+        resolve_checkpoint(path, hint="convert one with `python -m pipelines.import_official`")
     for stage, (_, cls) in STAGES.items():  # with stand-ins for the paths each preset fills in
         paths = {f.name: "<per preset>" for f in dataclasses.fields(cls) if f.metadata.get("required")}
         stage_config(cfg, stage, **paths)
-    rows = [run_preset(cfg, p) for p in cfg.presets]
+    rows = [run_preset(cfg, p) for p in (*cfg.presets, *cfg.tokenizers)]
     report = write_report(cfg, rows)
     print(f"[compare] report: {report}")
     return report

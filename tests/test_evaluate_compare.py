@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from data.builtin import open_source
 from data.media import MediaSpec
 from data.files import sha256_file
 from data.shards import write_media_shards
-from pipelines import compare, demo, evaluate, reconstruct
+from data.tokens import TokenManifest
+from pipelines import compare, demo, evaluate, import_official, reconstruct
+from pipelines.checkpoint import weights_sha256
 from data.errors import UserError
 from pipelines.config import parse_config
 from pipelines.metrics import inception_weights as weights
@@ -28,6 +31,11 @@ def report(digits_shards, tmp_path_factory):
     base = demo.stage_overrides(demo.DemoConfig(quick=True))
     base["tokenizer"]["model"]["num_codes"] = 64
     base["evaluate"] = {"extractors": "domain", "fidelity": {"cache_dir": str(out / "fid_cache")}}
+    # a converted official tokenizer (random weights, 4x downsampling like `tiny`) as a row of its own
+    official = import_official.main(import_official.ImportOfficialConfig(
+        ckpt=str(Path(__file__).parent / "fixtures" / "official_simvq" / "image_small_state.safetensors"),
+        out=str(out / "official_tokenizer")))
+    base["tokenizers"] = {"paper-small": str(official)}
     argv = [f"--data={digits_shards}", f"--out={out}", "--presets=simvq-64"]
     compare.main(parse_config(compare.CompareConfig, argv, base))
     return out, argv, base
@@ -62,6 +70,20 @@ def test_report_has_every_metric_named_by_its_extractor(report, digits_shards):
     record = json.loads((out / "simvq-64" / "eval" / "metrics.json").read_text())
     assert record["extractors"][0]["tag"] == "digits" and record["classifier"]["heldout_accuracy"] > 0.8
     assert record["settings"]["samples"].endswith("samples") and record["tokenizer"]
+
+
+def test_a_given_tokenizer_is_a_row_without_training(report):
+    out, _, _ = report
+    rows = json.loads((out / "report.json").read_text())
+    given = rows[1]
+    assert given["preset"] == "paper-small" and given["K"] == 1024 and given["quantizer"] == "simvq"
+    assert "tokenizer" not in given["seconds"] and not (out / "paper-small" / "tokenizer").exists()
+    official = out / "official_tokenizer"
+    assert given["tokenizer"] == str(official)
+    assert TokenManifest.load(out / "paper-small" / "tokens").tokenizer_sha256 == weights_sha256(official)
+    assert given["metrics"]["gen/samples"] == 40 and "recon/psnr" in given["metrics"]
+    text = (out / "report.md").read_text()
+    assert "| paper-small (given) | 1,024 |" in text and f"paper-small = `{official}`" in text
 
 
 def test_finished_stages_are_reused_and_changed_settings_refused(report):
