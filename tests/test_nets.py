@@ -283,3 +283,21 @@ TINY_STATE_DICT_BEFORE_REGISTRY = """
     decoder.conv_out.weight 3x32x3x3
     decoder.conv_out.bias 3
 """
+
+
+def test_net_overrides_replace_single_fields_and_refuse_typos():
+    """TokenizerConfig.net: widths no preset has (a converted checkpoint's), checked by name and type."""
+    from tokenizer import TokenizerConfig, build_tokenizer
+    cfg = TokenizerConfig(size="tiny", net={"ch": 16, "ch_mult": [1, 2], "conv_bias": False, "norm_groups": 8})
+    model = build_tokenizer(cfg)
+    assert model.downsample_factor == 2 and model.encoder.conv_in.weight.shape[0] == 16
+    assert model.encoder.conv_in.bias is None and model.encoder.levels[0][0].conv1.bias is None
+    assert model.decoder.conv_in.bias is not None  # the official decoder keeps this bias
+    assert {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    assert build_tokenizer(TokenizerConfig(size="tiny")).encoder.levels[0][0].norm1.num_groups == 8  # 32 ch // 4
+    with pytest.raises(KeyError, match="unknown field 'chan'.*choose from"):
+        build_tokenizer(TokenizerConfig(size="tiny", net={"chan": 16}))
+    with pytest.raises(TypeError, match="net.conv_bias.*expected a bool"):
+        build_tokenizer(TokenizerConfig(size="tiny", net={"conv_bias": 0}))
+    with pytest.raises(ValueError, match="norm_groups=7 does not divide"):
+        build_tokenizer(TokenizerConfig(size="tiny", net={"norm_groups": 7}))
