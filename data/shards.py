@@ -14,6 +14,8 @@ shard bytes are a deterministic function of (source files, spec, split_seed, shu
 
 Split rule (stable when files are added, because it looks at one key only):
     val  iff  int(sha256(f"{split_seed}:{key}")[:16], 16) / 2**64 < val_fraction
+An item with a `group` (the spoken built-ins: its voice) hashes the group instead of its key, so a whole
+group lands in one split (speaker-disjoint val, as in SC09); `val_fraction` is then a share of groups.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ MEDIA_FORMAT = "simvq-media-shards"
 MEDIA_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-MAKE_SHARDS_HINT = "run `python -m pipelines.make_shards --source=digits|photos|/path/to/folder --out=DIR` first"
+MAKE_SHARDS_HINT = ("run `python -m pipelines.make_shards --source=digits|photos|spoken-digits|spoken-digit-strings|"
+                    "/path/to/folder --out=DIR` first")
 
 
 class ManifestError(UserError, RuntimeError):
@@ -113,8 +116,9 @@ class ShardSink:
             self.current = None
 
 
-def assign_split(key: str, split_seed: int, val_fraction: float) -> str:
-    digest = hashlib.sha256(f"{split_seed}:{key}".encode()).hexdigest()
+def assign_split(key: str, split_seed: int, val_fraction: float, group: str = "") -> str:
+    """"train" | "val" by a hash of `group` when given (all of a group's items together), else of `key`."""
+    digest = hashlib.sha256(f"{split_seed}:{group or key}".encode()).hexdigest()
     return "val" if int(digest[:16], 16) / 2**64 < val_fraction else "train"
 
 
@@ -218,7 +222,7 @@ def write_media_shards(source: Source, out_dir: str | Path, spec: MediaSpec, *, 
             except (MediaError, OSError) as exc:  # a bad file costs one sample, never the whole run
                 skip(item.origin, str(exc))
                 continue
-            split = assign_split(item.key, split_seed, val_fraction)
+            split = assign_split(item.key, split_seed, val_fraction, item.group)
             sinks[split].add(item.key, {field_name: payload, "cls": str(item.label).encode()})
             written[item.label] += 1
         for sink in sinks.values():
