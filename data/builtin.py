@@ -15,9 +15,15 @@ Built-ins:
   upsampled with bicubic interpolation to `size` x `size` and stored as RGB (grey replicated).
 - `photos`: seeded random square crops of the colour photographs bundled with `skimage.data`
   (only those that need no download), each crop resized to `size` x `size`; unlabelled.
+- `spoken-digits` (audio): "zero" .. "nine" said by many synthetic voices (data/speech.py), labels
+  0..9 = the digit, each clip trimmed of silence and centred in exactly 1 s at `sample_rate`: the
+  class-conditional prior's data (SC09-like).
+- `spoken-digit-strings` (audio): random strings of digits ("four one nine seven ..."), 2-4 s each,
+  unlabelled: tokenizer training and reconstruction metrics (STOI/PESQ/ViSQOL need >= 2 s).
 
 Each yields `SourceItem`s with a stable key, so the train/val split (a hash of the key) does not move
-when the generator is rerun.
+when the generator is rerun. The spoken sources also give each item a `group`, its voice, which the
+split hashes instead of the key: every clip of a voice lands in the same split (speaker-disjoint val).
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
 
+from data import speech
+from data.audio import pcm16_wav, to_int16
+from data.errors import MediaError
 from data.image import image_to_png
 from data.media import MODALITIES
 
-BUILTIN_SOURCES = ("digits", "photos")
+BUILTIN_SOURCES = ("digits", "photos", "spoken-digits", "spoken-digit-strings")
+BUILTIN_MODALITY = {"digits": "image", "photos": "image", "spoken-digits": "audio", "spoken-digit-strings": "audio"}
 # skimage.data images that are bundled in the wheel (others are fetched with pooch: not allowed here).
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                "retina", "stereo_motorcycle")
@@ -43,7 +54,8 @@ class SourceItem(NamedTuple):
     key: str  # unique, stable id: the split hash and the shard's __key__ come from it
     label: int  # index into class_names, -1 when unlabelled
     origin: str  # human-readable origin (relative path), reported when the item is skipped
-    read: Callable[[], bytes]  # returns the raw bytes (file contents or an already-canonical PNG)
+    read: Callable[[], bytes]  # returns the raw bytes (file contents or already-canonical PNG/WAV bytes)
+    group: str = ""  # when set, the split hashes this instead of the key (e.g. the speaker: all its clips go together)
 
 
 class Source(NamedTuple):
@@ -100,10 +112,63 @@ def photos(size: int = 32, count: int = 2_000, seed: int = 0) -> Source:
     return Source(f"builtin:photos(size={size},count={count},seed={seed})", items, [], canonical=True)
 
 
+def _wav_reader(result: object, sample_rate: int) -> Callable[[], bytes]:
+    """read() of a pre-rendered clip: its canonical PCM-16 WAV bytes, or the synthesis error (a counted skip)."""
+    if isinstance(result, MediaError):
+        def fail() -> bytes:
+            raise result
+        return fail
+    data = pcm16_wav(to_int16(torch.from_numpy(result)), sample_rate)
+    return lambda: data
+
+
+def spoken_digits(sample_rate: int = 16_000, takes: int = 1, voices: int = 0, seed: int = 0,
+                  workers: int = 0) -> Source:
+    """Every voice (or `voices` of them, 0 = all) says each digit `takes` times: 148 x 10 x 1 = 1,480 clips of 1 s
+    by default (all voices, espeak-ng + flite), synthesised in 11 s with 2 workers on a 2-core CPU that others
+    were loading (measured; 184 synthesiser calls, as espeak-ng says a voice's ten digits in one). Synthesised
+    here, all at once (1,480 x 32 KB = 47 MB at 16 kHz), because the shard writer reads items one by one;
+    `workers` threads (0 = one per core) do not change the bytes."""
+    chosen = speech.pick_voices(voices, seed)
+    plan = speech.digit_plan(chosen, takes, seed)
+    results = speech.render_all(lambda u: speech.render_words(u, sample_rate), [u for *_, u in plan],
+                                workers or os.cpu_count() or 1)
+    items = []
+    for (voice, take, utt), result in zip(plan, results):
+        for digit, word in enumerate(speech.DIGIT_WORDS):  # the label is the index of the word said
+            wav = result if isinstance(result, MediaError) else result[word]
+            items.append(SourceItem(f"spoken-digits/{voice.slug}/{word}_{take}", digit,
+                                    f"{voice.name} '{word}' take={take} speed={utt.speed} pitch={utt.pitch}",
+                                    _wav_reader(wav, sample_rate), group=voice.name))
+    return Source(f"builtin:spoken-digits(sample_rate={sample_rate},voices={len(chosen)},takes={takes},seed={seed})",
+                  items, list(speech.DIGIT_WORDS), canonical=True)
+
+
+def spoken_digit_strings(sample_rate: int = 16_000, per_voice: int = 3, voices: int = 0, seed: int = 0,
+                         workers: int = 0) -> Source:
+    """`per_voice` random digit strings (2-4 s) per voice, unlabelled: 148 x 3 = 444 strings by default
+    (~21 min of speech), synthesised in 22 s with 2 workers on a 2-core CPU that others were loading (measured).
+    The key ends in the digits said."""
+    chosen = speech.pick_voices(voices, seed)
+    plan = speech.string_plan(chosen, per_voice, seed)
+    results = speech.render_all(lambda u: speech.render_string(u, sample_rate), [u for *_, u in plan],
+                                workers or os.cpu_count() or 1)
+    items = []
+    for (voice, index, planned), result in zip(plan, results):
+        wav, said = result if not isinstance(result, MediaError) else (result, planned)
+        digits = "".join(str(speech.DIGIT_WORDS.index(w)) for w in said.words)
+        items.append(SourceItem(f"spoken-digit-strings/{voice.slug}/{index:03d}_{digits}", -1,
+                                f"{voice.name} '{' '.join(said.words)}' speed={said.speed} pitch={said.pitch}",
+                                _wav_reader(wav, sample_rate), group=voice.name))
+    return Source(f"builtin:spoken-digit-strings(sample_rate={sample_rate},voices={len(chosen)},"
+                  f"per_voice={per_voice},seed={seed})", items, [], canonical=True)
+
+
 def folder(root: str | Path, modality: str = "image", labels: str = "auto") -> Source:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"source folder {root} does not exist; pass --source=digits|photos|/path/to/folder")
+        raise FileNotFoundError(f"source folder {root} does not exist; pass --source={'|'.join(BUILTIN_SOURCES)}"
+                                "|/path/to/folder")
     if labels not in ("auto", "none", "subfolder"):
         raise ValueError(f"labels={labels!r}; choose auto | none | subfolder")
     extensions = MODALITIES[modality].extensions
@@ -125,10 +190,20 @@ def folder(root: str | Path, modality: str = "image", labels: str = "auto") -> S
     return Source(f"folder:{root.resolve()}", items, class_names, canonical=False)
 
 
-def open_source(source: str, modality: str, size: int, count: int, seed: int, labels: str) -> Source:
-    """`source` is a built-in name (image modality only) or a folder path."""
+def open_source(source: str, modality: str, size: int, count: int, seed: int, labels: str, *,
+                sample_rate: int = 16_000, voices: int = 0, workers: int = 0) -> Source:
+    """`source` is a built-in name or a folder path. `count`: photos' crops, spoken-digits' takes per voice and
+    digit, spoken-digit-strings' strings per voice (0 = the source's default); `voices` (0 = all), `workers`
+    (0 = one per core) and `sample_rate` only concern the spoken sources."""
     if source in BUILTIN_SOURCES:
-        if modality != "image":
-            raise ValueError(f"built-in source {source!r} is image-only; pass a folder of wav files for audio")
-        return digits(size) if source == "digits" else photos(size, count, seed)
+        if modality != BUILTIN_MODALITY[source]:
+            raise ValueError(f"built-in source {source!r} is {BUILTIN_MODALITY[source]} data, not {modality}; "
+                             f"pass --modality={BUILTIN_MODALITY[source]} or a folder")
+        if source == "digits":
+            return digits(size)
+        if source == "photos":
+            return photos(size, count or 2_000, seed)
+        if source == "spoken-digits":
+            return spoken_digits(sample_rate, count or 1, voices, seed, workers)
+        return spoken_digit_strings(sample_rate, count or 3, voices, seed, workers)
     return folder(source, modality, labels)

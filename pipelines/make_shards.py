@@ -4,6 +4,8 @@
     python -m pipelines.make_shards --source=photos --size=32 --count=2000
     python -m pipelines.make_shards --source=/data/imagenet/train --size=128 --out=runs/shards/inet
     python -m pipelines.make_shards --source=/data/wavs --modality=audio --sample_rate=24000
+    python -m pipelines.make_shards --source=spoken-digits --out=runs/shards/spoken-digits   # needs espeak-ng
+    python -m pipelines.make_shards --source=spoken-digit-strings --count=10 --voices=40
 
 Formats, split rule, sample shuffle and resize policy: data/shards.py and data/media.py. Unreadable files
 are skipped, logged with the reason and listed in the manifest; a class folder with no readable file is
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from data.builtin import BUILTIN_SOURCES, open_source
+from data.builtin import BUILTIN_MODALITY, BUILTIN_SOURCES, open_source
 from data.errors import MediaError, UserError
 from data.media import MediaSpec
 from data.shards import MediaManifest, write_media_shards
@@ -25,20 +27,26 @@ from pipelines.config import required
 
 DEFAULT_SIZE = {"digits": 16, "photos": 32}  # built-ins render small so the CPU demo stays quick
 FOLDER_DEFAULT_SIZE = 128  # the paper's ImageNet resolution
+SPEECH_SAMPLE_RATE = 16_000  # the spoken built-ins: SC09's rate, and PESQ-wb's
+FOLDER_SAMPLE_RATE = 24_000  # the paper's LibriTTS rate
 
 
 @dataclass
 class MakeShardsConfig:
-    source: str = required()  # digits | photos | /path/to/folder (recursive; label = first-level sub-folder)
+    source: str = required()  # digits | photos | spoken-digits | spoken-digit-strings | /path/to/folder (recursive;
+    # label = first-level sub-folder)
     out: str = ""  # output directory; "" = runs/shards/<source name>
-    modality: Literal["image", "audio"] = "image"  # audio: a folder of wav/flac files
+    modality: Literal["", "image", "audio"] = ""  # "" = the built-in's own (spoken-* audio), image for a folder
     size: int = 0  # image side in pixels; 0 = digits 16, photos 32, folder 128
     resize: Literal["short_side", "center_crop", "none"] = "short_side"  # shard-time policy, see data/media.py
-    sample_rate: int = 24_000  # audio: resampled to this rate at shard time (paper: 24 kHz)
+    sample_rate: int = 0  # audio: resampled to this rate at shard time; 0 = spoken-* 16 kHz, else 24 kHz (paper)
     clip_seconds: float = 1.0  # audio: crop length at read time (paper: 1 s)
     labels: Literal["auto", "none", "subfolder"] = "auto"  # folder: auto = sub-folders when no file sits at the root
-    count: int = 2_000  # photos: number of random crops
-    seed: int = 0  # photos: crop positions
+    count: int = 0  # 0 = default; photos: random crops (2,000); spoken-digits: takes per voice and digit (1);
+    # spoken-digit-strings: strings per voice (3)
+    voices: int = 0  # spoken-*: how many of the 148 voices, drawn by --seed (0 = all)
+    workers: int = 0  # spoken-*: synthesiser subprocesses at a time (0 = one per core); the bytes do not depend on it
+    seed: int = 0  # photos: crop positions; spoken-*: voices drawn, speed/pitch/words of each utterance
     val_fraction: float = 0.1  # expected share of samples in the val split
     split_seed: int = 0  # changes which samples land in val
     shuffle_seed: int = 0  # order samples are written in (shuffled so each shard mixes classes)
@@ -48,16 +56,21 @@ class MakeShardsConfig:
 
 
 def main(cfg: MakeShardsConfig) -> MediaManifest:
+    builtin = cfg.source in BUILTIN_SOURCES
+    modality = cfg.modality or (BUILTIN_MODALITY[cfg.source] if builtin else "image")
     size = cfg.size or DEFAULT_SIZE.get(cfg.source, FOLDER_DEFAULT_SIZE)
-    spec = MediaSpec(modality=cfg.modality, size=size, resize=cfg.resize, sample_rate=cfg.sample_rate,
+    speech = builtin and BUILTIN_MODALITY[cfg.source] == "audio"
+    sample_rate = cfg.sample_rate or (SPEECH_SAMPLE_RATE if speech else FOLDER_SAMPLE_RATE)
+    spec = MediaSpec(modality=modality, size=size, resize=cfg.resize, sample_rate=sample_rate,
                      clip_seconds=cfg.clip_seconds)
     try:  # a missing or empty folder, --labels or --modality that do not fit it: the user's to fix
-        source = open_source(cfg.source, cfg.modality, size, cfg.count, cfg.seed, cfg.labels)
+        source = open_source(cfg.source, modality, size, cfg.count, cfg.seed, cfg.labels, sample_rate=sample_rate,
+                             voices=cfg.voices, workers=cfg.workers)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--source={cfg.source}: {e}") from None
-    name = cfg.source if cfg.source in BUILTIN_SOURCES else Path(cfg.source).resolve().name
+    name = cfg.source if builtin else Path(cfg.source).resolve().name
     out = Path(cfg.out or f"runs/shards/{name}")
-    print(f"make_shards: {len(source.items)} {cfg.modality} items from {source.name} -> {out}")
+    print(f"make_shards: {len(source.items)} {modality} items from {source.name} -> {out}")
     try:  # an --out that already holds shards; a source with no readable file at all
         manifest = write_media_shards(source, out, spec, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                                       shuffle_seed=cfg.shuffle_seed, max_count=cfg.shard_max_count,
