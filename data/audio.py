@@ -1,7 +1,9 @@
 """Audio bytes <-> tensors (the "audio" entry of data.media.MODALITIES).
 
 Shard time (`normalise_audio`): any wav/flac -> 16-bit PCM mono WAV at the spec's `sample_rate` (channels
-averaged, resampled with torchaudio.functional.resample), full length; crops happen at read time.
+averaged, resampled with torchaudio.functional.resample), full length; crops happen at read time. Any sample
+format libsndfile reads (8-bit, 24-bit, float) becomes floats first; a file with NaN/Inf samples or one that is
+silent at 16 bits raises MediaError, a counted skip: NaN would poison every loss, and silence teaches nothing.
 Read time (`decode_audio`): (1, clip) in [-1, 1], a random (train) or centered (eval) crop of
 `clip_seconds`; clips shorter than that are zero-padded at the end.
 Write time (`audio_file_bytes`): (1, T) in [-1, 1] -> 16-bit PCM WAV of `to_int16` samples, the one int16
@@ -42,6 +44,10 @@ def read_audio(data: bytes) -> tuple[np.ndarray, int]:
 
 def normalise_audio(data: bytes, spec: MediaSpec) -> bytes:
     wav, rate = read_audio(data)
+    if not np.isfinite(wav).all():
+        raise MediaError(f"NaN or Inf samples ({int((~np.isfinite(wav)).sum())} of {len(wav)})")
+    if np.abs(wav).max() < 2**-16:  # rounds to 0 (or -1 LSB) at 16 bits
+        raise MediaError("silent: every sample is below half a 16-bit step")
     if rate != spec.sample_rate:
         resampled = torchaudio.functional.resample(torch.from_numpy(wav), rate, spec.sample_rate)
         wav = resampled.numpy()
