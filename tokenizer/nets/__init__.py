@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from torch import nn
 
-from . import conv
+from . import conv, seanet_vocos
 from .conv import NET_SIZES, Decoder, Encoder, NetConfig, get_net_config
 
 
@@ -80,6 +80,8 @@ def override_fields(base: SizeConfig, overrides: Mapping[str, Any], what: str) -
 ARCHS: dict[str, Arch] = {
     # Open-MAGVIT2-style conv nets, 2-D for images and 1-D for audio (tokenizer/nets/conv.py).
     "conv": Arch("conv", conv.NET_SIZES, conv.build_nets),
+    # The paper's audio tokenizer: SEANet encoder, Vocos backbone + iSTFT head (tokenizer/nets/seanet_vocos.py).
+    "seanet-vocos": Arch("seanet-vocos", seanet_vocos.SIZES, seanet_vocos.build_nets),
 }
 
 
