@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from data.errors import UserError
 
-from . import image
+from . import audio, image
 
 EMA_PREFIX = "model_ema."
 FROZEN = ("quantize.embedding.weight",)  # never trained, so never shadowed: taken raw in the EMA weights too
@@ -51,6 +51,7 @@ class Format(NamedTuple):
 
 FORMATS: dict[str, Format] = {
     "image": Format(image.PREFIXES, image.detect, image.infer_config, image.convert),
+    "audio": Format(audio.PREFIXES, audio.detect, audio.infer_config, audio.convert, audio.FROZEN),
 }
 
 
