@@ -116,7 +116,7 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> float:
 
 
 def test_unknown_arch_or_size_is_an_error_naming_the_choices():
-    with pytest.raises(KeyError, match=r"unknown tokenizer arch 'seanet'.*`arch`.*\['conv'\]"):
+    with pytest.raises(KeyError, match=r"unknown tokenizer arch 'seanet'.*`arch`.*\['conv', 'seanet-vocos'\]"):
         build_tokenizer(TokenizerConfig(arch="seanet"))
     with pytest.raises(KeyError, match=r"unknown tokenizer size 'xl' for arch 'conv'.*'audio-s', 'b', 's', 'tiny'"):
         build_tokenizer(TokenizerConfig(size="xl"))

@@ -22,8 +22,8 @@ from .quantizers.options import (OPTIONS, EMAVQOptions, FSQOptions, LFQOptions, 
 
 @dataclass
 class TokenizerConfig:
-    arch: str = "conv"            # encoder/decoder family, a key of tokenizer.nets.ARCHS
-    size: str = "tiny"            # a size of that arch (conv: "tiny", "s", "b", "audio-s")
+    arch: str = "conv"            # encoder/decoder family, a key of tokenizer.nets.ARCHS (conv | seanet-vocos)
+    size: str = "tiny"            # a size of that arch (conv: tiny, s, b, audio-s; seanet-vocos: paper, cpu)
     # Single fields of that size replaced, e.g. {"ch": 32, "conv_bias": false}: widths no preset has (a converted
     # official checkpoint records its own here). Empty = the preset as it is.
     net: dict[str, Any] = field(default_factory=dict)

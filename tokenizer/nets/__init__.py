@@ -11,7 +11,7 @@ Each arch keeps its own size registry, because sizes of different families share
 A tokenizer config may override single fields of a size (`TokenizerConfig.net`, e.g. {"ch": 32, "conv_bias": false}):
 how a converted official checkpoint (tokenizer/official/) states widths that no preset has, without new presets.
 
-Adding an architecture (e.g. the paper's audio tokenizer: a SEANet encoder with a Vocos decoder) is one new module
+Adding an architecture (as `seanet-vocos`, the paper's audio tokenizer, was added) is one new module
 with its sizes and its `build_nets`, plus one entry here; the `conv` code stays untouched.
 """
 
