@@ -46,7 +46,7 @@ def clean() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def variants(clean) -> dict[str, torch.Tensor]:
-    return {"clean": clean, "lowpass": lowpass(clean, 2000.0), "noise": add_noise(clean, 5.0)}
+    return {"clean": clean, "lowpass": lowpass(clean, 2000.0), "noise": add_noise(clean, 0.0)}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_identity_anchors(clean, scores):
     assert ident["pesq"] == pytest.approx(4.64, abs=0.01)
     assert ident["stoi"] == pytest.approx(1.0, abs=1e-6)
     assert ident["vuv_f1"] == 1.0
-    assert ident["visqol"] > 4.3  # lattice mapper: ~4.4-4.5 for identity (the polynomial one gives 5.0)
+    assert 3.9 < ident["visqol"] < 4.9  # the lattice mapper: 4.0-4.5 for identity; the polynomial one gives 5.0
     assert mel_distance(clean, clean.clone(), RATE).eq(0).all()  # exactly 0, not merely small
     assert stft_distance(clean, clean.clone()).eq(0).all()
     assert ident["si_sdr"] > 100
