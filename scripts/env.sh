@@ -33,17 +33,22 @@ fetch_fid_wheel() {
 # with apt when this runs as root or sudo works without a password, otherwise the command to run is printed and the
 # speech tests skip. (The espeakng-loader wheel bundles libespeak-ng but no executable; data/speech.py runs the
 # executable, so that wheel would not help.)
+# System tools of the audio side: espeak-ng/flite synthesise the spoken-digit data; opus-tools and codec2 are the
+# classical codec baselines (pipelines/metrics/codecs.py). Installed with apt as root (or passwordless sudo).
+SPEECH_PACKAGES="espeak-ng flite opus-tools codec2"
 ensure_speech_tools() {
-  command -v espeak-ng >/dev/null && return 0
-  local install="apt-get update -qq && apt-get install -y -qq espeak-ng flite"
+  command -v espeak-ng >/dev/null && command -v opusenc >/dev/null && command -v c2enc >/dev/null && return 0
+  local install="apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SPEECH_PACKAGES"
   if [ "$(id -u)" = 0 ]; then
-    echo "[env] installing espeak-ng and flite (spoken-digit data)" >&2
+    echo "[env] installing $SPEECH_PACKAGES (spoken-digit data, codec baselines)" >&2
     bash -c "$install" >&2 || true
   elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-    echo "[env] installing espeak-ng and flite with sudo (spoken-digit data)" >&2
+    echo "[env] installing $SPEECH_PACKAGES with sudo (spoken-digit data, codec baselines)" >&2
     sudo -n bash -c "$install" >&2 || true
   fi
   command -v espeak-ng >/dev/null || echo "[env] espeak-ng is missing: the spoken-digit data and its tests need it;" \
-    "run: sudo apt-get update && sudo apt-get install -y espeak-ng flite" >&2
+    "run: sudo apt-get update && sudo apt-get install -y $SPEECH_PACKAGES" >&2
+  command -v opusenc >/dev/null && command -v c2enc >/dev/null || echo "[env] opus-tools/codec2 missing: the codec" \
+    "baseline rows are skipped; run: sudo apt-get install -y opus-tools codec2" >&2
   return 0
 }
