@@ -1,10 +1,12 @@
 """The pictures a person judges a run by: small samples are upscaled (nearest) until a grid is >= MIN_WIDTH wide,
-reconstructions sit under their originals, audio is drawn as waveforms."""
+reconstructions sit under their originals, audio is drawn as log-magnitude spectrograms (low frequencies at the
+bottom)."""
 import math
 
 import torch
 
-from pipelines.metrics.grids import MIN_WIDTH, PAD, class_grids, grid, recon_grid, thumbnails, upscale_factor
+from pipelines.metrics.grids import (MIN_WIDTH, PAD, SPEC_HEIGHT, SPEC_WIDTH, class_grids, colour_table, grid,
+                                    log_spectrogram, recon_grid, thumbnails, upscale_factor)
 
 
 def digits(n: int, size: int = 16) -> torch.Tensor:
@@ -44,20 +46,49 @@ def test_recon_grid_puts_each_reconstruction_under_its_original():
     assert (pixel(2, 2) == 255).all() and out.shape[1] == PAD + 4 * cell  # short rows are padded, stay paired
 
 
-def test_audio_thumbnails_are_waveforms():
-    t = torch.arange(4096) / 8000
-    tone = 0.9 * torch.sin(2 * math.pi * 440 * t).view(1, 1, -1)  # (1, 1, T)
-    silence = torch.zeros(1, 1, 4096)
-    thumbs = thumbnails(torch.cat([tone, silence]), "audio")  # (2, 3, h, w) uint8
-    assert thumbs.dtype == torch.uint8 and thumbs.shape[1] == 3
-    inked = (thumbs != 255).any(1)  # (2, h, w)
-    h = thumbs.shape[2]
-    # a loud tone fills most of the height in every column; silence leaves only the zero line
-    assert inked[0].sum(0).min() > 0.8 * h
-    zero_line = inked[1].nonzero()[:, 0].unique()
-    assert len(zero_line) == 1 and abs(int(zero_line) - (h - 1) / 2) <= 0.5
-    out = recon_grid(torch.cat([tone, silence]), torch.cat([silence, tone]), "audio")
-    assert out.dtype == torch.uint8 and out.shape[0] == 3 and out.shape[-1] >= MIN_WIDTH
+def tone(freq: float, rate: int = 16_000, seconds: float = 1.0, start: float = 0.0) -> torch.Tensor:
+    t = torch.arange(int(rate * seconds)) / rate
+    return (0.5 * torch.sin(2 * math.pi * freq * t) * (t >= start)).view(1, 1, -1)  # (1, 1, T)
+
+
+def test_a_tone_lights_the_row_of_its_frequency_low_at_the_bottom():
+    rate, h = 16_000, SPEC_HEIGHT
+    rows = {}
+    for freq in (250.0, 1_000.0, 3_000.0, 7_000.0):
+        level = log_spectrogram(tone(freq, rate))[0]  # (h, w) in [0, 1], row 0 = the highest frequency
+        assert level.shape == (SPEC_HEIGHT, SPEC_WIDTH)
+        rows[freq] = int(level.mean(1).argmax())
+        assert rows[freq] == h - 1 - round(freq / (rate / 2) * h)  # bin freq / (rate / n_fft), n_fft = 2h, flipped
+        assert level[rows[freq]].min() > 0.95  # the tone is there in every column, at the clip's peak
+        assert (level < 0.05).float().mean() > 0.5  # and most of the picture is >= 76 dB quieter: dark
+    assert rows[7_000.0] < rows[3_000.0] < rows[1_000.0] < rows[250.0]  # higher tones higher up
+
+
+def test_spectrogram_thumbnails_time_runs_left_to_right_and_silence_is_black():
+    late = tone(1_000.0, start=0.5)  # silent first half
+    thumbs = thumbnails(torch.cat([late, torch.zeros_like(late)]), "audio")
+    assert thumbs.dtype == torch.uint8 and thumbs.shape == (2, 3, SPEC_HEIGHT, SPEC_WIDTH)
+    black, brightest = colour_table()[0], colour_table()[255]
+    row = SPEC_HEIGHT - 1 - round(1_000 / 8_000 * SPEC_HEIGHT)
+    assert (thumbs[0, :, row, : SPEC_WIDTH // 2 - 2] == black[:, None]).all()  # before the tone: nothing
+    assert (thumbs[0, :, row, SPEC_WIDTH // 2 + 2 :] == brightest[:, None]).all()  # the tone, at the peak colour
+    assert (thumbs[1] == black[:, None, None]).all()  # silence: black, not its own (meaningless) peak
+    assert len({tuple(c) for c in colour_table().tolist()}) == 256  # a colour map, not a grey ramp repeated
+
+
+def test_audio_grids_are_wide_enough_and_keep_originals_above_reconstructions():
+    x, x_hat = torch.cat([tone(300.0), tone(3_000.0)]), torch.cat([tone(3_000.0), tone(300.0)])
+    out = recon_grid(x, x_hat, "audio")  # 2 columns: originals, then the reconstructions under them
+    s = upscale_factor(SPEC_WIDTH, 2)
+    assert s == 2 and out.shape == (3, PAD + 2 * (s * SPEC_HEIGHT + PAD), PAD + 2 * (s * SPEC_WIDTH + PAD))
+    assert out.shape[-1] >= MIN_WIDTH
+    cell = lambda r, c: out[:, PAD + r * (s * SPEC_HEIGHT + PAD):, PAD + c * (s * SPEC_WIDTH + PAD):][  # noqa: E731
+        :, : s * SPEC_HEIGHT : s, : s * SPEC_WIDTH : s]  # one thumbnail, its upscaling undone
+    a, b = thumbnails(x, "audio"), thumbnails(x_hat, "audio")
+    assert torch.equal(cell(0, 0), a[0]) and torch.equal(cell(1, 0), b[0]) and torch.equal(cell(1, 1), b[1])
+    assert not torch.equal(cell(0, 0), cell(1, 0))  # a 300 Hz original over its 3 kHz "reconstruction"
+    one = grid(thumbnails(tone(440.0), "audio"), cols=1)  # a lone clip is still >= MIN_WIDTH wide
+    assert one.shape[-1] == PAD + 3 * SPEC_WIDTH + PAD >= MIN_WIDTH
 
 
 def test_class_grids_lay_out_one_row_per_class_or_a_square():

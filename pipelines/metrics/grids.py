@@ -1,9 +1,11 @@
 """Pictures a person looks at to judge a tokenizer or a prior: the recon grid and the sample grids.
 
 Every sample becomes a thumbnail (uint8 (3, h, w)) by its modality (`THUMBNAILS`): an image is its own pixels, an
-audio clip a drawn waveform. Thumbnails are tiled row-major with white borders; small ones are first upscaled by
-an integer factor (nearest: no pixel is invented) until the grid is at least `MIN_WIDTH` pixels wide, since 16x16
-digits tiled 8 across (136x34 px, issue 9) are too small to see.
+audio clip its log-magnitude spectrogram (time left to right, low frequencies at the bottom, the 80 dB under the
+clip's peak through the magma colour map), where the eye finds pitch, formants, noise and silence that a waveform
+hides (issue 11). Thumbnails are tiled row-major with white borders; small ones are first upscaled by an integer
+factor (nearest: no pixel is invented) until the grid is at least `MIN_WIDTH` pixels wide, since 16x16 digits tiled
+8 across (136x34 px, issue 9) are too small to see.
 
     write_png(grid(thumbnails(x, "image"), cols=8), path)
     write_png(recon_grid(x, x_hat, "audio"), path)      # originals on odd rows, reconstructions under them
@@ -26,8 +28,10 @@ from data.media import to_uint8
 
 MIN_WIDTH = 512  # px: grids narrower than this are upscaled (nearest, integer factor)
 PAD = 2  # px of white border around every thumbnail
-WAVE_HEIGHT, WAVE_WIDTH = 48, 192  # px of one audio thumbnail
-WAVE_COLOUR = (40, 70, 160)
+SPEC_HEIGHT, SPEC_WIDTH = 96, 192  # px of one audio thumbnail: frequency rows (0 .. Nyquist) x time columns
+SPEC_RANGE_DB = 80.0  # shown below each clip's loudest bin; quieter is black (librosa's top_db convention)
+SPEC_FLOOR = 1e-5  # magnitude floor (-100 dB re a full-scale sine, below 16-bit noise): a clip under it is silent
+COLOUR_MAP = "magma"  # perceptually uniform, dark = quiet, so silence reads as black
 
 
 def image_thumbnails(x: torch.Tensor) -> torch.Tensor:
@@ -35,25 +39,47 @@ def image_thumbnails(x: torch.Tensor) -> torch.Tensor:
     return to_uint8(x)
 
 
-def waveform_thumbnails(x: torch.Tensor, height: int = WAVE_HEIGHT, width: int = WAVE_WIDTH) -> torch.Tensor:
-    """Clips (N, 1, T) in [-1, 1] -> uint8 (N, 3, height, width): per pixel column the min..max of its samples,
-    drawn on white around a grey zero line."""
-    x = x.detach().float().clamp(-1, 1).cpu()
-    top = F.adaptive_max_pool1d(x, width)[:, 0]  # (N, width): the largest sample of each column's share of T
-    bottom = -F.adaptive_max_pool1d(-x, width)[:, 0]  # (N, width): the smallest
-    to_row = lambda v: ((1 - v) / 2 * (height - 1)).round().long()  # +1 -> row 0 (top), -1 -> the last row
-    rows = torch.arange(height)[None, :, None]  # (1, height, 1)
-    ink = (rows >= to_row(top)[:, None]) & (rows <= to_row(bottom)[:, None])  # (N, height, width)
-    out = torch.full((x.shape[0], 3, height, width), 255, dtype=torch.uint8)
-    out[:, :, int(to_row(torch.tensor(0.0)))] = 200  # the zero line, where silence is drawn
-    for c, value in enumerate(WAVE_COLOUR):
-        out[:, c][ink] = value
-    return out
+def colour_table(name: str = COLOUR_MAP) -> torch.Tensor:
+    """uint8 (256, 3): matplotlib's colour map at 256 levels (from its registry: no pyplot figure, no state)."""
+    import matplotlib  # noqa: PLC0415  only audio grids need it
+
+    rgb = matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3]  # (256, 3) floats in [0, 1]
+    return torch.from_numpy(np.round(rgb * 255).astype(np.uint8))
+
+
+def log_spectrogram(x: torch.Tensor, height: int = SPEC_HEIGHT, width: int = SPEC_WIDTH) -> torch.Tensor:
+    """Clips (N, 1, T) -> (N, height, width) in [0, 1]: log magnitude from SPEC_RANGE_DB below each clip's peak (0)
+    up to the peak (1); row 0 is the *highest* frequency, so low frequencies sit at the bottom as in every plot.
+
+    Linear frequency: an STFT of n_fft = 2 * height (Hann window), so row r shows bin height - 1 - r, i.e.
+    (height - 1 - r) / height of the Nyquist frequency (the Nyquist bin is dropped). About `width` frames
+    (hop T // width, centred), their power averaged (or repeated, for very short clips) into `width` columns."""
+    x = x.detach().float().cpu()[:, 0]  # (N, T)
+    n_fft = 2 * height
+    window = torch.hann_window(n_fft)
+    if x.shape[-1] < n_fft:  # stft needs a frame's worth of samples
+        x = F.pad(x, (0, n_fft - x.shape[-1]))
+    spec = torch.stft(x, n_fft, hop_length=max(1, x.shape[-1] // width), window=window, center=True,
+                      pad_mode="constant", return_complex=True)  # (N, n_fft/2 + 1, frames)
+    power = spec[:, :height].abs().square() / (window.sum() / 2) ** 2  # (N, height, frames); full-scale sine ~ 1
+    power = F.adaptive_avg_pool1d(power, width)  # (N, height, width)
+    db = 10 * torch.log10(power.clamp_min(SPEC_FLOOR**2))
+    peak = db.amax(dim=(1, 2), keepdim=True)  # (N, 1, 1)
+    level = ((db - peak) / SPEC_RANGE_DB + 1).clamp(0, 1)
+    level = level * (peak > 20 * math.log10(SPEC_FLOOR))  # a silent clip is black, not its own peak
+    return level.flip(1)  # (N, height, width): low frequencies at the bottom
+
+
+def spectrogram_thumbnails(x: torch.Tensor, height: int = SPEC_HEIGHT, width: int = SPEC_WIDTH) -> torch.Tensor:
+    """Clips (N, 1, T) in [-1, 1] -> uint8 (N, 3, height, width): `log_spectrogram` through COLOUR_MAP."""
+    level = log_spectrogram(x, height, width)  # (N, height, width) in [0, 1]
+    rgb = colour_table()[(level * 255).round().long()]  # (N, height, width, 3)
+    return rgb.permute(0, 3, 1, 2).contiguous()  # (N, 3, height, width)
 
 
 THUMBNAILS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "image": image_thumbnails,
-    "audio": waveform_thumbnails,
+    "audio": spectrogram_thumbnails,
 }
 
 
