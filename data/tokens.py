@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data.files import write_json_atomic
+from data.media import MediaSpec
 from data.shards import MANIFEST, SPLITS, AtomicTar, ManifestError, iter_shard_samples, list_shards, shard_name
 
 TOKEN_FORMAT = "simvq-token-shards"
@@ -83,6 +84,11 @@ class TokenManifest:
     # Codes the project did not encode (pipelines.pack_tokens): where they came from ({"command", "codes", "labels",
     # "sha256", "tokenizer"}); empty for encode_shards output, whose source is the media manifest above.
     source: dict = field(default_factory=dict)
+    # The timing of what one token stands for, so a user of the tokens needs no media manifest: for audio
+    # {"modality": "audio", "sample_rate": Hz, "hop": samples per token, "tokens_per_second", "clip_seconds"}; for
+    # images {"modality": "image", "size": px, "downsample_factor": px per token per axis}. Filled by encode_shards;
+    # empty in manifests written before it existed and in pack_tokens output (the codes' media are not known there).
+    media: dict = field(default_factory=dict)
     format: str = TOKEN_FORMAT
     version: int = TOKEN_VERSION
 
@@ -125,6 +131,15 @@ class TokenManifest:
         if diffs:
             raise ManifestError("token shards do not match: " + "; ".join(diffs) + f". {ENCODE_HINT} "
                                 "(or point to the token directory made by this tokenizer)")
+
+
+def media_timing(spec: MediaSpec, downsample_factor: int) -> dict:
+    """`TokenManifest.media` for media of `spec` encoded by a tokenizer with this downsample factor (the hop, for
+    audio): what a token stands for, in the media's own units (16 kHz at hop 320: 50 tokens per second)."""
+    if spec.modality == "audio":
+        return {"modality": "audio", "sample_rate": spec.sample_rate, "hop": downsample_factor,
+                "tokens_per_second": spec.sample_rate / downsample_factor, "clip_seconds": spec.clip_seconds}
+    return {"modality": spec.modality, "size": spec.size, "downsample_factor": downsample_factor}
 
 
 class PendingShard(NamedTuple):

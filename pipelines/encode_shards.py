@@ -38,7 +38,8 @@ from data.files import TEMP_MARK, sha256_file, write_json_atomic
 from data.media import decode
 from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, iter_shard_samples, list_shards,
                          read_manifest)
-from data.tokens import PendingShard, TokenManifest, TokenSample, pending_token_shards, write_token_shard
+from data.tokens import (PendingShard, TokenManifest, TokenSample, media_timing, pending_token_shards,
+                         write_token_shard)
 from pipelines.checkpoint import load_config, load_tokenizer, weights_sha256
 from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
@@ -134,8 +135,10 @@ def count_samples(path: Path) -> int:
 
 
 def finish(out: Path, data: Path, splits: tuple[str, ...], media: MediaManifest, identity: dict[str, str],
-           quantizer: str, num_codes: int, grid: tuple[int, ...], cfg: EncodeShardsConfig) -> TokenManifest:
-    """Check that every split is complete (same shards as the media, same sample count) and write the manifest."""
+           quantizer: str, num_codes: int, grid: tuple[int, ...], downsample_factor: int,
+           cfg: EncodeShardsConfig) -> TokenManifest:
+    """Check that every split is complete (same shards as the media, same sample count) and write the manifest,
+    with the media's timing (`media_timing`: for audio the sample rate, the hop and tokens per second)."""
     counts, shards = {}, {}
     for split in SPLITS:
         token_paths = list_shards(out, split)
@@ -154,7 +157,8 @@ def finish(out: Path, data: Path, splits: tuple[str, ...], media: MediaManifest,
             raise ManifestError(f"{out}: {counts[split]} {split} token samples but {data / MANIFEST} lists "
                                 f"{media.counts.get(split, 0)}; {_rerun_hint(cfg)}")
     manifest = TokenManifest(quantizer=quantizer, num_codes=num_codes, grid=list(grid), counts=counts,
-                             class_names=list(media.class_names), shards=shards, **identity)
+                             class_names=list(media.class_names), shards=shards,
+                             media=media_timing(media.spec, downsample_factor), **identity)
     manifest.save(out)
     return manifest
 
@@ -216,9 +220,11 @@ def main(cfg: EncodeShardsConfig) -> TokenManifest:
     # manifest, last
     if accelerator.is_main_process:
         manifest = finish(out, data, splits, media, identity, tok_cfg["quantizer"], model.quantizer.num_codes, grid,
-                          cfg)
+                          model.downsample_factor, cfg)
         accelerator.print(f"encode_shards: {manifest.counts} samples, {manifest.shards} shards, "
-                          f"seq_len {math.prod(grid)} ({manifest.dtype}) -> {out / MANIFEST}; next: train the prior "
+                          f"seq_len {math.prod(grid)} ({manifest.dtype})"
+                          + (f", {manifest.media['tokens_per_second']:g} tokens/s" if spec.modality == "audio" else "")
+                          + f" -> {out / MANIFEST}; next: train the prior "
                           f"on {out} (`python -m pipelines.train_prior`)")
     accelerator.wait_for_everyone()
     return TokenManifest.load(out)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def test_round_trip_and_manifest(setup, tmp_path):
     assert media_manifest.shards["train"] >= 3 and media_manifest.shards["val"] >= 1  # the test needs several shards
     assert on_disk["class_names"] == [str(i) for i in range(10)]
     assert (on_disk["format"], on_disk["version"]) == ("simvq-token-shards", 1)
+    assert on_disk["media"] == {"modality": "image", "size": SIZE, "downsample_factor": 4}
     # each token shard holds exactly the keys of the media shard of the same name
     for split in ("train", "val"):
         for path in list_shards(media, split):
@@ -213,3 +215,31 @@ def test_two_processes_resume_to_the_same_bytes(setup, tmp_path):
     tars = lambda d: {p.name: p.read_bytes() for p in d.glob("*.tar")}  # noqa: E731
     assert tars(multi) == tars(single)
     assert TokenManifest.load(multi) == TokenManifest.load(single)
+
+
+def test_audio_tokens_record_rate_and_hop_and_train_a_prior(tmp_path):
+    """Audio through the same encode: codes (T / hop,) per clip, and the manifest says what a token lasts (sample rate,
+    hop, tokens per second); train_prior takes the token shards unchanged."""
+    from helpers import write_tones
+    from pipelines import train_prior
+    rate, clip = 8_000, 0.512  # 4,096 samples; audio-s has hop 64 -> 64 tokens
+    write_tones(tmp_path / "wavs", per_class=4, rate=rate)
+    media = tmp_path / "media"
+    write_media_shards(open_source(str(tmp_path / "wavs"), "audio", 0, 0, 0, "auto"), media,
+                       MediaSpec(modality="audio", sample_rate=rate, clip_seconds=clip), val_fraction=0.25,
+                       log=lambda *a: None)
+    torch.manual_seed(0)
+    tok_cfg = TokenizerConfig(size="audio-s", dims=1, in_channels=1, num_codes=64)
+    save_checkpoint(tmp_path / "tok", config={"kind": "tokenizer", "config": to_dict(tok_cfg)},
+                    weights={"model": build_tokenizer(tok_cfg).state_dict()})
+    manifest = encode(media, tmp_path / "tok", tmp_path / "tokens")
+    assert manifest.grid == [64] and manifest.media == {"modality": "audio", "sample_rate": rate, "hop": 64,
+                                                        "tokens_per_second": rate / 64, "clip_seconds": clip}
+    assert manifest.seq_len / manifest.media["tokens_per_second"] == pytest.approx(clip)
+    assert load_tokens(tmp_path / "tokens", "train").codes.shape == (manifest.counts["train"], 64)
+    logs = train_prior.main(parse_config(train_prior.TrainPriorConfig, [
+        f"--tokens={tmp_path / 'tokens'}", f"--out={tmp_path / 'prior'}", "--batch_size=4", "--model.size=tiny",
+        "--loop.steps=2", "--loop.warmup_steps=0"]))
+    prior_config = json.loads(next((tmp_path / "prior" / "checkpoints").iterdir()).joinpath("config.json").read_text())
+    assert prior_config["train_config"]["token_manifest"]["media"] == manifest.media  # carried to sample
+    assert all(math.isfinite(v) for v in logs.values() if isinstance(v, float))

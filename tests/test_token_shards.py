@@ -10,8 +10,9 @@ import torch
 
 from data.files import temp_path
 from data.shards import ManifestError, iter_shard_samples, shard_name
-from data.tokens import (TokenManifest, TokenSample, code_dtype, load_tokens, pending_token_shards, token_loader,
-                         write_token_shard)
+from data.media import MediaSpec
+from data.tokens import (TokenManifest, TokenSample, code_dtype, load_tokens, media_timing, pending_token_shards,
+                         token_loader, write_token_shard)
 
 GRID = (3, 4)
 
@@ -74,6 +75,9 @@ def test_manifest_mismatch_and_version_errors(tmp_path):
     with pytest.raises(TypeError, match="unknown fields"):
         manifest.check_compatible(codebook_size=1_024)
     d = json.loads((tmp_path / "manifest.json").read_text())
+    old = {k: v for k, v in d.items() if k != "media"}  # written before TokenManifest.media existed: still loads
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert TokenManifest.load(tmp_path).media == {} and TokenManifest.load(tmp_path) == manifest
     (tmp_path / "manifest.json").write_text(json.dumps(d | {"version": 0}))
     with pytest.raises(ManifestError, match="version 0"):
         TokenManifest.load(tmp_path)
@@ -113,3 +117,13 @@ def test_pending_shards_lists_only_missing_ones(tmp_path):
     pending = pending_token_shards(media, tokens)
     assert [(p.split, p.index) for p in pending] == [("train", 0), ("val", 0)]
     assert pending[1].token_path == tokens / "val-000000.tar"
+
+
+def test_media_timing_says_what_a_token_stands_for():
+    speech = media_timing(MediaSpec(modality="audio", sample_rate=16_000, clip_seconds=1.0), 320)
+    assert speech == {"modality": "audio", "sample_rate": 16_000, "hop": 320, "tokens_per_second": 50.0,
+                      "clip_seconds": 1.0}
+    paper = media_timing(MediaSpec(modality="audio", sample_rate=24_000), 320)
+    assert paper["tokens_per_second"] == 75.0  # the paper's 75 tokens per second
+    assert media_timing(MediaSpec(modality="image", size=128), 8) == {"modality": "image", "size": 128,
+                                                                     "downsample_factor": 8}
