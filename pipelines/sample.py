@@ -4,12 +4,14 @@
     python -m pipelines.sample ... --num_per_class=100 --classes=3,7 --settings.cfg_scale=2 --settings.top_k=100
     python -m pipelines.sample ... --num=64                  # unconditional: the null class (or a num_classes=0 prior)
 
-Writes out/media/{class}/{index:06d}.{png|wav} (no {class}/ when unconditional), out/grids/{class}.png (the first
-`grid_per_class` of each class; audio as waveforms), out/grid.png (a row of `overview_cols` per class) and, last,
-out/manifest.json: both checkpoints + hashes, seed, every setting, the media spec, and per sample path, label, seed.
+Writes out/media/{class}/{index:06d}.{png|wav} (no {class}/ when unconditional; wav: 16-bit PCM mono),
+out/grids/{class}.png (the first `grid_per_class` of each class; audio as log-magnitude spectrograms), out/grid.png
+(a row of `overview_cols` per class) and, last, out/manifest.json: both checkpoints + hashes, seed, every setting,
+the media spec, and per sample path, label, class, seed (audio also sample_rate, frames, seconds).
 
 main: check the pair -> plan -> generate -> write (data.media.to_file_bytes) -> grids -> manifest. The file format
-(modality; the wav rate) is the media manifest's of the prior's tokens: `--data`, else the tokenizer's data.
+(modality; the wav rate) is the media manifest's of the prior's tokens: `--data`, else the tokenizer's data, else
+the media timing their token manifest recorded.
 
 Sample i (in output order: class by class, in the order of `classes`) uses seed `seed + i`, and prior/sampling.py
 draws each sample's randomness from its own seed, so a sample does not depend on the batch size or its batch-mates.
@@ -108,9 +110,11 @@ def check_pair(prior: Prior, prior_config: dict, prior_ckpt: Path, tokenizer_ckp
     return recorded
 
 
-def media_spec(data: str, tokenizer_ckpt: Path, source_sha: str | None) -> tuple[MediaSpec, str]:
+def media_spec(data: str, tokenizer_ckpt: Path, source_sha: str | None, timing: dict | None = None
+               ) -> tuple[MediaSpec, str]:
     """(MediaSpec of the files, its origin): `data`'s manifest, else the tokenizer's training data's if the prior's
-    tokens came from it, else the registry's defaults for the tokenizer's dims and channels (with a note)."""
+    tokens came from it, else the timing the token manifest recorded (`timing`, data.tokens.media_timing: the wav
+    rate), else the registry's defaults for the tokenizer's dims and channels (with a note)."""
     tok = load_config(tokenizer_ckpt)
     shards = data or tok.get("train_config", {}).get("data", "")
     manifest = Path(shards) / MANIFEST
@@ -125,6 +129,10 @@ def media_spec(data: str, tokenizer_ckpt: Path, source_sha: str | None) -> tuple
     modality = modality_of(dims, channels)
     if modality is None:
         raise UserError(f"{tokenizer_ckpt}: no media modality has dims={dims}, channels={channels}; pass --data")
+    if timing and timing.get("modality") == modality == "audio":
+        spec = MediaSpec(modality="audio", sample_rate=int(timing["sample_rate"]),
+                         clip_seconds=float(timing.get("clip_seconds", 1.0)))
+        return spec, "the prior's token manifest (media timing)"
     print(f"sample: no media manifest of the prior's data found: writing {modality} files with default settings; "
           f"pass --data=<media shards> to use theirs")
     return MediaSpec(modality=modality), f"defaults for {modality} (no media manifest found)"
@@ -238,6 +246,14 @@ def item_path(item: Item, spec: MediaSpec) -> Path:
     return folder / f"{item.index:06d}.{spec.extension}"
 
 
+def sample_timing(one: torch.Tensor, spec: MediaSpec) -> dict:
+    """What a user of an audio codec's outputs (DAC, Vocos, EnCodec) looks for beside a wav file: its rate, length in
+    samples and duration; nothing for an image."""
+    if spec.modality != "audio":
+        return {}
+    return {"sample_rate": spec.sample_rate, "frames": one.shape[-1], "seconds": one.shape[-1] / spec.sample_rate}
+
+
 def write_samples(out: Path, items: list[Item], x: torch.Tensor, spec: MediaSpec) -> list[dict]:
     """One file per sample (x: (N, C, *S) in [-1, 1]) through the media registry's writer; their manifest records."""
     records = []
@@ -246,7 +262,7 @@ def write_samples(out: Path, items: list[Item], x: torch.Tensor, spec: MediaSpec
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out / rel, to_file_bytes(one, spec))
         records.append({"path": rel.as_posix(), "label": -1 if item.label is None else item.label,
-                        "class": item.name, "seed": item.seed})
+                        "class": item.name, "seed": item.seed, **sample_timing(one, spec)})
     return records
 
 
@@ -265,7 +281,8 @@ def main(cfg: SampleConfig) -> dict:
     prior, prior_ckpt, prior_config = load_prior(cfg.prior, device)
     tokenizer, tokenizer_ckpt = load_tokenizer(cfg.tokenizer, device)
     recorded = check_pair(prior, prior_config, prior_ckpt, tokenizer_ckpt)
-    spec, spec_source = media_spec(cfg.data, tokenizer_ckpt, recorded.get("source_manifest_sha256"))
+    spec, spec_source = media_spec(cfg.data, tokenizer_ckpt, recorded.get("source_manifest_sha256"),
+                                   recorded.get("media"))
     grid_shape, names = [int(g) for g in recorded["grid"]], list(recorded["class_names"])
     plan = make_plan(cfg, prior.conditional, names)
     settings = guidance(cfg.settings, prior.conditional, prior_ckpt)

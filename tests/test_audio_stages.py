@@ -1,5 +1,5 @@
 """A 1-D (audio) tokenizer through reconstruct, sample and evaluate: the same stages and code paths as images, the
-modality taken from the media manifest (wav files at the shards' sample rate, waveform grids, SNR instead of
+modality taken from the media manifest (wav files at the shards' sample rate, spectrogram grids, SNR instead of
 PSNR/SSIM, FID extractors skipped with a note)."""
 import json
 
@@ -13,12 +13,12 @@ from data.audio import to_int16
 from data.builtin import open_source
 from data.files import sha256_file
 from data.media import MediaSpec
-from data.shards import shard_name, write_media_shards
-from data.tokens import TokenManifest, TokenSample, write_token_shard
+from data.shards import read_manifest, shard_name, write_media_shards
+from data.tokens import TokenManifest, TokenSample, media_timing, write_token_shard
 from pipelines import evaluate, reconstruct, sample, train_prior
 from pipelines.checkpoint import load_tokenizer, save_checkpoint
 from pipelines.config import parse_config, to_dict
-from pipelines.metrics.grids import MIN_WIDTH
+from pipelines.metrics.grids import MIN_WIDTH, PAD, SPEC_HEIGHT, SPEC_WIDTH, upscale_factor
 from prior import SampleSettings
 from tokenizer import TokenizerConfig, build_tokenizer
 from helpers import write_tones
@@ -55,8 +55,8 @@ def audio_run(tmp_path_factory):
         counts[split] = n
     TokenManifest(tokenizer_sha256=sha256_file(tok / "model.safetensors"), quantizer="simvq", num_codes=K,
                   grid=list(GRID), counts=counts, class_names=CLASSES,
-                  source_manifest_sha256=sha256_file(shards / "manifest.json"),
-                  shards={"train": 1, "val": 1}).save(tokens)
+                  source_manifest_sha256=sha256_file(shards / "manifest.json"), shards={"train": 1, "val": 1},
+                  media=media_timing(read_manifest(shards).spec, 64)).save(tokens)
     prior = root / "prior"
     train_prior.main(parse_config(train_prior.TrainPriorConfig, [
         f"--tokens={tokens}", f"--out={prior}", "--batch_size=8", "--model.size=tiny", "--loop.steps=3",
@@ -91,10 +91,19 @@ def test_sample_writes_wav_at_the_shards_rate(audio_run, samples):
     assert manifest["media"]["sample_rate"] == RATE and manifest["media_from"].endswith("shards/manifest.json")
     on_disk = json.loads((out / "manifest.json").read_text())["samples"]
     assert [r["path"] for r in on_disk] == [f"media/{c}/{i:06d}.wav" for c in CLASSES for i in range(2)]
-    for r in on_disk:
+    for i, r in enumerate(on_disk):  # per sample what a codec user looks for: file, label, seed, rate, duration
         info = soundfile.info(out / r["path"])
         assert (info.samplerate, info.frames, info.channels, info.subtype) == (RATE, 4096, 1, "PCM_16")
-    assert (out / "grid.png").is_file() and (out / "grids" / "high.png").is_file()
+        assert r == {"path": r["path"], "label": i // 2, "class": CLASSES[i // 2], "seed": i, "sample_rate": RATE,
+                     "frames": 4096, "seconds": 4096 / RATE}
+    # spectrogram grids, one PNG per class: 2 samples side by side, upscaled to >= MIN_WIDTH
+    assert sorted(p.name for p in (out / "grids").iterdir()) == [f"{c}.png" for c in sorted(CLASSES)]
+    s = upscale_factor(SPEC_WIDTH, 2)
+    for path in [out / "grids" / f"{c}.png" for c in CLASSES] + [out / "grid.png"]:  # grid.png: a row per class
+        rows = 2 if path.name == "grid.png" else 1
+        with Image.open(path) as im:
+            assert im.mode == "RGB" and im.size == (PAD + 2 * (s * SPEC_WIDTH + PAD), PAD + rows * (s * SPEC_HEIGHT + PAD))
+            assert im.width >= MIN_WIDTH
     # the files hold exactly the int16 of the decoder's output for the same seeds (data.media's writer)
     p, _, _ = sample.load_prior(prior)
     tokenizer, _ = load_tokenizer(tok)
@@ -118,3 +127,19 @@ def test_evaluate_a_1d_tokenizer_and_its_samples(audio_run, samples, tmp_path):
     assert any(n.startswith("FID/KID/precision/recall skipped") for n in record["notes"])
     assert any(n.startswith("recon/lpips skipped") for n in record["notes"])
     assert record["extractors"] == [] and "classifier" not in record
+
+
+def test_sample_takes_the_wav_rate_from_the_token_manifest_without_media_shards(audio_run, tmp_path):
+    """A tokenizer checkpoint that names no training data (e.g. converted, or moved): the rate comes from the media
+    timing encode_shards recorded in the token manifest, which the prior carries, not from MediaSpec's 24 kHz."""
+    _, tok, prior = audio_run
+    bare = tmp_path / "tokenizer"  # the same weights (so the same tokenizer_sha256), no train_config
+    config = json.loads((tok / "config.json").read_text())
+    save_checkpoint(bare, config={"kind": "tokenizer", "config": config["config"]},
+                    weights={"model": load_tokenizer(tok)[0].state_dict()})
+    m = sample.main(sample.SampleConfig(prior=str(prior), tokenizer=str(bare), out=str(tmp_path / "s"),
+                                        num_per_class=1, device="cpu"))
+    assert m["media"]["sample_rate"] == RATE and "token manifest" in m["media_from"]
+    assert m["token_manifest"]["media"] == {"modality": "audio", "sample_rate": RATE, "hop": 64,
+                                            "tokens_per_second": RATE / 64, "clip_seconds": CLIP}
+    assert soundfile.info(tmp_path / "s" / "media" / "high" / "000000.wav").samplerate == RATE

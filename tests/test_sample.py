@@ -111,7 +111,7 @@ def test_end_to_end_files_grids_manifest(pair, tmp_path):
     assert manifest["prior"]["step"] == 3 and manifest["source_manifest_sha256"] == "cd" * 32
     assert [r["seed"] for r in on_disk["samples"]] == list(range(7, 16))
     assert [r["label"] for r in on_disk["samples"]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert on_disk["samples"][4]["path"] == "media/one/000001.png"
+    assert on_disk["samples"][4] == {"path": "media/one/000001.png", "label": 1, "class": "one", "seed": 11}
     with pytest.raises(FileExistsError, match="overwrite"):
         run_sample(pair, out, "--num_per_class=3")
 
