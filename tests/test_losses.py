@@ -226,8 +226,9 @@ def test_discriminators_are_a_dict_of_kinds_and_their_losses_add_up(monkeypatch)
     assert hasattr(crit, "discriminators") and not hasattr(crit, "discriminator")  # the single-D shim is gone
     with pytest.raises(ValueError, match=r"names \['patch'\] more than once"):
         TokenizerLosses(LossConfig(weights=weights, discriminators=("patch", "two-scales", "patch")))
-    with pytest.raises(KeyError, match=r"unknown discriminator 'mpd'.*\['patch', 'two-scales'\]"):
-        TokenizerLosses(LossConfig(weights=weights, discriminators=("mpd",)))
+    # (this used 'mpd' before the audio discriminators were registered: now a kind, so 'msd' is the unknown one)
+    with pytest.raises(KeyError, match=r"unknown discriminator 'msd'.*\['dac', 'mpd', 'mrd', 'patch', 'two-scales'\]"):
+        TokenizerLosses(LossConfig(weights=weights, discriminators=("msd",)))
     with pytest.raises(ValueError, match="`discriminators` setting is empty"):
         TokenizerLosses(LossConfig(weights=weights, discriminators=()))
 

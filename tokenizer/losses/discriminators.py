@@ -1,7 +1,9 @@
 """Discriminators, by kind: `DISCRIMINATORS[name](cfg, in_channels, dims) -> nn.Module`.
 
-A discriminator maps (B, C, *S) to logits: one tensor, or a list of tensors when it holds several sub-discriminators
-(the audio recipe's multi-period and multi-resolution discriminators). `TokenizerLosses` keeps the ones named in
+A discriminator maps (B, C, *S) to logits: one tensor, or a list when it holds several sub-discriminators (the audio
+recipe's multi-period and multi-resolution discriminators, whose entries are `Scores(logits, features)`: the hidden
+feature maps feature matching needs). A kind may name its objective (class attribute `objective`, a key of
+`gan.OBJECTIVES`); one that names none is judged as the PatchGAN. `TokenizerLosses` keeps the ones named in
 `LossConfig.discriminators` in a `Discriminators` module (an `nn.ModuleDict` under these names whose forward runs them
 all), so new kinds sit beside or instead of the PatchGAN and train as one model with one optimiser.
 """
@@ -10,6 +12,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+
+from .audio_discriminators import build_dac, build_mpd, build_mrd
+from .gan import Scores
 
 if TYPE_CHECKING:
     from . import LossConfig
@@ -57,6 +62,9 @@ def _patch(cfg: "LossConfig", in_channels: int, dims: int) -> nn.Module:
 
 DISCRIMINATORS: dict[str, Callable[["LossConfig", int, int], nn.Module]] = {
     "patch": _patch,  # PatchGAN with BatchNorm (the image recipe); settings disc_channels, disc_layers
+    "mpd": build_mpd,  # HiFi-GAN multi-period (audio); settings mpd_periods, mpd_width
+    "mrd": build_mrd,  # UnivNet multi-resolution STFT (audio); settings mrd_resolutions, mrd_width
+    "dac": build_dac,  # DAC's MPD + multi-band complex-STFT MRD, least squares (audio); setting dac_width
 }
 
 
@@ -80,7 +88,7 @@ class Discriminators(nn.ModuleDict):
         super().__init__(modules)
         self.register_load_state_dict_pre_hook(_add_single_prefix)
 
-    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> dict[str, list["torch.Tensor | Scores"]]:
         return {name: discriminator_logits(d, x) for name, d in self.items()}
 
 
@@ -95,7 +103,7 @@ def _add_single_prefix(module: Discriminators, state_dict: dict, prefix: str, *a
             state_dict[f"{prefix}{name}.{k[len(prefix):]}"] = state_dict.pop(k)
 
 
-def discriminator_logits(discriminator: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Every logits tensor a discriminator returns, as a list (one entry for a PatchGAN)."""
+def discriminator_logits(discriminator: nn.Module, x: torch.Tensor) -> list["torch.Tensor | Scores"]:
+    """Every logits tensor (or `Scores`) a discriminator returns, as a list (one entry for a PatchGAN)."""
     out = discriminator(x)
-    return list(out) if isinstance(out, (list, tuple)) else [out]
+    return list(out) if isinstance(out, (list, tuple)) and not isinstance(out, Scores) else [out]
