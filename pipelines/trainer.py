@@ -1,5 +1,6 @@
-"""The one training-loop skeleton every stage uses: accelerate, gradient accumulation, clipping, LR warm-up and
-schedule, EMA, logging (TensorBoard + jsonl + tqdm), atomic checkpoints and exact resume.
+"""The one training-loop skeleton every stage uses: accelerate, gradient accumulation, clipping (per model), LR warm-up
+and schedule, EMA, skipping non-finite steps, logging (TensorBoard + jsonl + tqdm), atomic checkpoints and exact
+resume.
 
 A stage supplies its models, its data and, per model, a loss function; the trainer owns the step:
 
@@ -14,10 +15,17 @@ A stage supplies its models, its data and, per model, a loss function; the train
 
 `Trainer.step(name, micro_batches, loss_fn, weights)` is the whole optimisation protocol, written once: for each
 micro-batch, under autocast, `loss_fn(batch)` returns named scalar losses (DAC-style: the names are the config's
-weight keys and the logged keys); the total `sum(w * losses[k])` over `weights` must be finite, and its backward
+weight keys and the logged keys); the total `sum(w * losses[k])` over `weights` is checked, and its backward
 runs with DDP's gradient sync only on the last micro-batch; every other registered model is `frozen` meanwhile (a
-discriminator inside the generator's loss gets no gradient and no all-reduce). Then: clip, optimiser, LR scheduler,
-EMA. It returns the losses averaged over the micro-batches, plus `lr/<name>` and `grad_norm/<name>`.
+discriminator inside the generator's loss gets no gradient and no all-reduce). Then: clip (`grad_clip`, or the model's
+entry in `grad_clip_by_model`), optimiser, LR scheduler, EMA. It returns the losses averaged over the micro-batches,
+plus `lr/<name>` and `grad_norm/<name>`.
+
+A non-finite total on any process (or a non-finite gradient norm, when clipping without an fp16 loss scaler) skips
+the step on every process: no optimiser, scheduler or EMA update, the gradients zeroed, a warning naming the step and
+the non-finite losses, `skipped/<name>` = 1 in the step's logs (which are then always written). After
+`max_nonfinite_steps` consecutive skips of one model the run stops with a FloatingPointError, and `save` refuses to
+write non-finite weights: no checkpoint ever holds them.
 
 Resume is exact: every step reseeds torch/python RNGs from (seed, step, rank), the data stream is a pure function of
 (seed, position) (`batches(start_micro_batch)`), and the checkpoint holds raw + EMA weights, optimiser and scheduler
@@ -32,7 +40,8 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
@@ -58,6 +67,10 @@ class LoopConfig:
     warmup_steps: int = 0  # linear LR warm-up; audio GAN training NaNs without it
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     grad_clip: float = 0.0  # max global grad norm per optimiser; 0 = off
+    # per model name, over grad_clip, e.g. {"g": 1000.0, "d": 10.0} (DAC's); a model not named uses grad_clip
+    grad_clip_by_model: dict[str, float] = field(default_factory=dict)
+    # consecutive steps of one model with a non-finite loss (each skipped) that stop the run; 1 = stop at the first
+    max_nonfinite_steps: int = 10
     ema_decay: float = 0.999  # EMA of the exported model; 0 = no EMA
     log_every: int = 10  # steps between log lines
     eval_every: int = 200  # steps between evaluations (and at the end)
@@ -132,7 +145,8 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.ema: EMA | None = None
-        self.global_step = 0  # optimiser steps taken (of the main model); `step` is the method that takes one
+        self.global_step = 0  # loop steps taken (skipped ones too: the data position); `step` is the method that takes one
+        self.nonfinite_streak: dict[str, int] = {}  # consecutive skipped steps per model
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.json", json.dumps(full_config, indent=2))
@@ -168,10 +182,12 @@ class Trainer:
     def step(self, name: str, micro_batches: Sequence[Any], loss_fn: Callable[[Any], dict[str, torch.Tensor]],
              weights: Mapping[str, float]) -> dict[str, float]:
         """One optimiser step of model `name` over `micro_batches`; returns the named losses averaged over them,
-        `grad_norm/<name>` (when clipping) and `lr/<name>`. See the module docstring for the protocol."""
+        `grad_norm/<name>` (when clipping) and `lr/<name>`, or `skipped/<name>` for a skipped step. See the module
+        docstring for the protocol."""
         model, n = self.models[name], len(micro_batches)
         others = [m for other, m in self.models.items() if other != name]
         logs: dict[str, float] = {}
+        bad: list[str] | None = None  # the non-finite weighted losses, once a micro-batch has any
         for i, batch in enumerate(micro_batches):
             # DDP all-reduces gradients on the last micro-batch only; the other models only pass gradients through
             sync = contextlib.nullcontext() if i == n - 1 else self.accelerator.no_sync(model)
@@ -181,25 +197,52 @@ class Trainer:
                 with self.autocast():
                     losses = loss_fn(batch)
                 total = weighted_sum(losses, weights)
-                if not torch.isfinite(total):
-                    values = {k: float(v.detach()) for k, v in losses.items()}
-                    raise FloatingPointError(f"non-finite {name} loss at step {self.global_step}: {values}; lower "
-                                             f"--loop.lr or add --loop.warmup_steps / --loop.grad_clip, then rerun "
-                                             f"with --loop.resume=true")
-                self.accelerator.backward(total / n)
+                if self._any_process(not torch.isfinite(total)):  # every process skips together: no lone all-reduce
+                    bad = [k for k, w in weights.items() if w != 0 and not torch.isfinite(losses[k])]
+                    bad = bad or (["the weighted total"] if not torch.isfinite(total) else ["on another process"])
+                else:
+                    self.accelerator.backward(total / n)
             for k, v in losses.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / n
+            if bad is not None:
+                return {**logs, **self._skip(name, bad, {k: float(v.detach()) for k, v in losses.items()})}
         return {**logs, **self._optimizer_step(name)}
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "sum").item() > 0)
+
+    def _skip(self, name: str, bad: list[str], values: dict[str, float]) -> dict[str, float]:
+        """A step of `name` that must not update anything: zero its gradients, count, warn, or stop the run."""
+        self.optimizers[name].zero_grad(set_to_none=True)
+        streak = self.nonfinite_streak[name] = self.nonfinite_streak.get(name, 0) + 1
+        limit = self.cfg.max_nonfinite_steps
+        if streak >= limit:
+            raise FloatingPointError(
+                f"non-finite {name} loss at step {self.global_step}: {values}; lower --loop.lr or add "
+                f"--loop.warmup_steps / --loop.grad_clip / --loop.grad_clip_by_model, then rerun with "
+                f"--loop.resume=true (the newest checkpoint holds finite weights). {streak} consecutive steps of "
+                f"{name!r} were non-finite ({', '.join(bad)}), --loop.max_nonfinite_steps={limit}")
+        warnings.warn(f"step {self.global_step}: non-finite {name} loss ({', '.join(bad)}); the step is skipped "
+                      f"({streak} in a row, the run stops at --loop.max_nonfinite_steps={limit})", RuntimeWarning,
+                      stacklevel=3)
+        return {f"skipped/{name}": 1.0}
 
     def _optimizer_step(self, name: str) -> dict[str, float]:
         model, opt = self.models[name], self.optimizers[name]
         logs = {}
-        if self.cfg.grad_clip > 0:
-            norm = self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        clip = self.cfg.grad_clip_by_model.get(name, self.cfg.grad_clip)
+        if clip > 0:
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
             logs[f"grad_norm/{name}"] = float(norm)
+            # an fp16 loss scaler skips overflowing steps itself (and lowers its scale): not a failure of the run
+            if not math.isfinite(float(norm)) and self.accelerator.scaler is None:
+                return {**logs, **self._skip(name, [f"grad_norm/{name}"], logs)}
         opt.step()
         self.schedulers[name].step()
         opt.zero_grad(set_to_none=True)
+        self.nonfinite_streak[name] = 0
         if name == self.main and self.ema is not None:
             self.ema.update(self.unwrap(name))
         logs[f"lr/{name}"] = self.schedulers[name].get_last_lr()[0]
@@ -215,6 +258,12 @@ class Trainer:
             weights["raw"] = self.unwrap(self.main).state_dict()
         for name in list(self.models)[1:]:
             weights[name] = self.unwrap(name).state_dict()
+        bad = [f"{group}/{k}" for group, sd in weights.items() for k, v in sd.items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"refusing to write the step-{self.global_step} checkpoint of {self.run_dir}: "
+                                     f"{len(bad)} tensors hold non-finite values ({', '.join(bad[:4])}); resume from "
+                                     f"the newest checkpoint with a lower --loop.lr or with gradient clipping")
         state = {"step": self.global_step, "ema_updates": self.ema.updates if self.ema else 0,
                  "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()}}
@@ -262,6 +311,11 @@ class Trainer:
             evaluate: Callable[[int], dict[str, float]] | None = None) -> dict[str, float]:
         """Run to cfg.steps. `batches(k)` yields micro-batches starting at micro-batch k of the run."""
         cfg = self.cfg
+        unknown = sorted(set(cfg.grad_clip_by_model) - set(self.models))
+        if unknown or cfg.max_nonfinite_steps < 1:
+            raise UserError(f"--loop.grad_clip_by_model names {unknown}, not models of this stage ({list(self.models)})"
+                            if unknown else f"--loop.max_nonfinite_steps={cfg.max_nonfinite_steps}: it must be >= 1 "
+                            f"(1 = stop at the first non-finite loss)")
         if cfg.resume:
             self.resume()
         elif latest_checkpoint(self.run_dir) is not None:
@@ -282,7 +336,7 @@ class Trainer:
                 step, last = self.global_step, self.global_step == cfg.steps
                 steps_timed += 1
                 log.advance()
-                if step % cfg.log_every == 0 or last:
+                if step % cfg.log_every == 0 or last or any(k.startswith("skipped/") for k in logs):
                     logs["steps_per_s"] = steps_timed / (time.perf_counter() - t0)
                     t0, steps_timed = time.perf_counter(), 0
                     log.log(step, logs)

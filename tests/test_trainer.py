@@ -44,7 +44,7 @@ def test_step_is_one_optimiser_step_on_the_mean_weighted_total(tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path):
-    trainer, a, b = two_models(tmp_path)
+    trainer, a, b = two_models(tmp_path, max_nonfinite_steps=1)  # stop at the first (tests/test_nonfinite.py: skips)
     before = copy.deepcopy(a.state_dict())
     bad = lambda batch: {"mse": a(batch).sum() * float("nan")}  # noqa: E731
     with pytest.raises(FloatingPointError, match=r"non-finite a loss at step 0: \{'mse': nan\}; lower --loop.lr"):
@@ -56,3 +56,19 @@ def test_a_weight_without_its_loss_is_an_error(tmp_path):
     trainer, a, b = two_models(tmp_path)
     with pytest.raises(KeyError, match="loss weights name"):
         trainer.step("a", [torch.randn(2, 3)], lambda batch: losses(a, b, batch), weights={"msee": 1.0})
+
+
+def test_grad_clip_per_model_bounds_each_model_s_update(tmp_path):
+    """grad_clip_by_model clips each model by its own norm (DAC: G 1000, D 10); a model it does not name uses
+    grad_clip (0 = off): the negative control, whose update is its whole gradient."""
+    trainer, a, b = two_models(tmp_path, grad_clip_by_model={"a": 0.01})
+    x = 10 * torch.randn(4, 3)
+    updates, norms = {}, {}
+    for name, m, loss in (("a", a, lambda batch: {"l": a(batch).pow(2).mean()}),
+                          ("b", b, lambda batch: {"l": b(a(batch).detach()).pow(2).mean()})):
+        before = [p.detach().clone() for p in m.parameters()]
+        logs = trainer.step(name, [x], loss, {"l": 1.0})
+        updates[name] = torch.cat([(p0 - p.detach()).flatten() for p0, p in zip(before, m.parameters())]).norm() / 0.1
+        norms[name] = logs.get(f"grad_norm/{name}")
+    assert norms["a"] > 0.1 and updates["a"].item() == pytest.approx(0.01, rel=1e-4)  # clipped to 0.01
+    assert norms["b"] is None and updates["b"].item() > 0.1  # not clipped: the step is the raw gradient (x lr)
