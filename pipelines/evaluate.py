@@ -10,8 +10,10 @@ weight files are given and rFID/KID between the val originals and their reconstr
 counted over the train split (`usage/*`, encoder only): a val split often holds fewer tokens than K.
 Generation: the sample files listed by the sample manifest, read by their file type (png | wav); for images FID, KID,
 precision/recall against the train split and — for labelled data — how often the domain classifier recognises the
-class a sample was generated for. The feature extractors see images only: for other media they are skipped with a
-note (FIDELITY_MODALITIES).
+class a sample was generated for. Audio (pipelines/metrics/audio_eval.py): reconstruction on whole val utterances
+(L1, SNR, SI-SDR, mel and STFT distances, PESQ-wb, STOI, ViSQOL, V/UV F1, UTMOS given a local file; failures
+counted, never averaged in; bitrate and tokens/s), and generated clips judged by a log-mel classifier trained on the
+train split: class accuracy, Inception-style score `is_<tag>`, Fréchet distance `fd_<tag>` on its features.
 
 Every FID names its feature extractor: `fid_digits` (a small classifier trained on the dataset's labelled train
 split, trained on first use and cached by dataset hash and classifier settings; its held-out accuracy is recorded)
@@ -45,12 +47,15 @@ from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
 from pipelines.metrics import inception_weights as weights
+from pipelines.metrics.audio_eval import (AudioEvalConfig, failure_notes, full_clips, generated_audio_metrics,
+                                          reconstruct_and_score, to_int16)
 from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
                                           train_domain_classifier)
 from pipelines.metrics.fid import (FIDELITY_MODALITIES, Extractor, FidelityConfig, compute_fidelity,
                                    inception_extractor)
 from pipelines.metrics.inputs import keep_labels, load_samples, load_split
 from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
+from pipelines.metrics.grids import recon_grid, write_png
 from pipelines.metrics.subsets import class_counts, stratified_subset
 
 
@@ -75,6 +80,7 @@ class EvaluateConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     classifier_cfg: ClassifierConfig = field(default_factory=ClassifierConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    audio: AudioEvalConfig = field(default_factory=AudioEvalConfig)  # speech metrics, CREPE model, clip subset
 
 
 # ---------------------------------------------------------------------------------------------- feature extractors
@@ -84,13 +90,17 @@ def domain_classifier(cfg: EvaluateConfig, data_sha: str) -> Path:
     The cache path hashes the data and every classifier setting (num_classes and image_size as they will be used),
     so changing a setting trains a new classifier instead of silently reusing the old one."""
     manifest = read_manifest(cfg.data)
-    ccfg = dataclasses.replace(cfg.classifier_cfg, num_classes=len(manifest.class_names),
-                               image_size=manifest.spec.size)
+    spec = manifest.spec
+    if spec.modality == "audio":  # a log-mel classifier of the clips the prior makes (read-time crops)
+        ccfg = dataclasses.replace(cfg.classifier_cfg, num_classes=len(manifest.class_names), modality="audio",
+                                   sample_rate=spec.sample_rate, clip_samples=spec.clip_samples)
+    else:
+        ccfg = dataclasses.replace(cfg.classifier_cfg, num_classes=len(manifest.class_names), image_size=spec.size)
     key = hashlib.sha256(json.dumps({"data": data_sha, "classifier": to_dict(ccfg)}, sort_keys=True).encode())
     path = Path(cfg.classifier or Path(cfg.fidelity.cache_dir) / f"classifier-{data_sha[:16]}-{key.hexdigest()[:16]}")
     if (path / "config.json").is_file():
         return path
-    images, labels = load_split(cfg.data, "train")
+    images, labels = load_split(cfg.data, "train")  # uint8 pictures | int16 clips
     if not manifest.class_names or (labels < 0).any():
         raise UserError(f"{cfg.data} is unlabelled: a domain classifier needs labels; use --extractors=inception")
     trained = train_domain_classifier(images, labels, ccfg)
@@ -136,6 +146,11 @@ def image_extractors(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, no
     """The feature extractors of --extractors; none (and a note) when the data are not images."""
     if data.spec.modality in FIDELITY_MODALITIES:
         return extractors(cfg, data_sha, bool(data.class_names), notes)
+    if data.spec.modality == "audio":
+        if "inception" in cfg.extractors:
+            notes.append("inception skipped: it takes images; audio samples are judged by the log-mel classifier "
+                         "(gen/fd_*, gen/is_*, gen/class_accuracy_*)")
+        return []
     if cfg.extractors:
         notes.append(f"FID/KID/precision/recall skipped: their feature extractors ({', '.join(cfg.extractors)}) take "
                      f"images, the data is {data.spec.modality}")
@@ -187,6 +202,9 @@ def reconstruction(cfg: EvaluateConfig, device, data: MediaManifest, data_sha: s
     """recon/* over the val split and usage/* over `usage_split`; for images also LPIPS and rFID per extractor."""
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
     modality, notes = data.spec.modality, record["notes"]
+    if modality == "audio":
+        record["tokenizer"] = str(ckpt)
+        return audio_reconstruction(cfg, model, device, data, notes)
     images = modality in FIDELITY_MODALITIES
     originals, recons, val_labels = [], [], []
 
@@ -216,6 +234,25 @@ def reconstruction(cfg: EvaluateConfig, device, data: MediaManifest, data_sha: s
         metrics.update(m)
         record["subsets"][f"recon/{e.tag}"] = r
         notes += r["notes"]
+    return metrics
+
+
+def audio_reconstruction(cfg: EvaluateConfig, model, device, data: MediaManifest, notes: list[str]
+                         ) -> dict[str, float]:
+    """recon/* over whole val clips (pipelines/metrics/audio_eval.py), usage/* over `usage_split`, the recon grid."""
+    clips = full_clips(cfg.data, "val", cfg.audio.max_clips, cfg.audio.seed)
+    metrics, recons = reconstruct_and_score(model, clips, data.spec.sample_rate, cfg.audio, device)
+    if cfg.usage_split:
+        metrics.update(codebook_usage(model, media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False),
+                                      device))
+    notes += failure_notes("recon/", metrics)
+    notes += [n for n in (usage_note(metrics, "recon/"), usage_note(metrics, "usage/")) if n]
+    shown = clips[:8]
+    if shown:  # originals above their reconstructions, cut to the shortest shown clip
+        n = min(c.x.shape[-1] for c in shown)
+        write_png(recon_grid(torch.stack([c.x[..., :n] for c in shown]), torch.stack([r[..., :n] for r in
+                                                                                     recons[:8]]), "audio"),
+                  Path(cfg.out) / "recon.png")
     return metrics
 
 
@@ -250,6 +287,14 @@ def generation(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, exts: li
     if data.spec.modality in FIDELITY_MODALITIES:
         metrics, n_reference = generated_images(cfg, samples, labels, list(data.class_names), data_sha, exts,
                                                 record)
+    elif data.spec.modality == "audio" and "classifier" in record:
+        reference, _ = load_split(cfg.data, "train", cfg.max_reference, cfg.subset_seed)
+        clf, _ = load_classifier(record["classifier"]["path"])
+        gen, gen_notes = generated_audio_metrics(samples, labels, reference, clf, cfg.domain_name, cfg.fidelity)
+        metrics, n_reference = gen, len(reference)
+        record["notes"] += gen_notes
+    elif data.spec.modality == "audio":
+        record["notes"].append("gen/* classifier metrics skipped: they need labelled data and the domain extractor")
     metrics["gen/samples"] = float(len(samples))
     if n_reference is not None:
         metrics["gen/reference"] = float(n_reference)
@@ -265,7 +310,10 @@ def new_record(cfg: EvaluateConfig, data: MediaManifest, data_sha: str, exts: li
     record: dict = {"settings": to_dict(cfg), "data_manifest_sha256": data_sha, "notes": notes, "subsets": {},
                     "extractors": [{"name": e.name, "tag": e.tag, "weights": e.weights_path,
                                     "weights_sha256": e.weights_hash, "protocol": e.protocol} for e in exts]}
-    if data.spec.modality in FIDELITY_MODALITIES and (cfg.classifier or any(e.tag == cfg.domain_name for e in exts)):
+    audio_classifier = (data.spec.modality == "audio" and bool(data.class_names) and bool(cfg.samples)
+                        and (cfg.classifier or "domain" in cfg.extractors))
+    if audio_classifier or (data.spec.modality in FIDELITY_MODALITIES
+                            and (cfg.classifier or any(e.tag == cfg.domain_name for e in exts))):
         clf_path = domain_classifier(cfg, data_sha)
         record["classifier"] = {"path": str(clf_path), **{k: v for k, v in load_classifier(clf_path)[1].items()
                                                           if k in ("heldout_accuracy", "num_train", "config")}}

@@ -9,6 +9,10 @@ wide, the role pool3 plays in Inception) gives the features for fid_<tag>/kid_<t
     ext = classifier_extractor("weights/digits-classifier")                   # registers "digits-classifier"
     compute_fidelity(generated, reference, ext).metrics["fid_digits"]
 
+Audio (spoken digits) has no Inception: the same classifier runs on a log-mel spectrogram (`modality="audio"`), the
+SC09 practice of WaveGAN/DiffWave; its logits give an Inception-style score and its features a Fréchet distance
+(reported as `fd_<tag>`, never "FID"). Audio goes through `audio_features` directly (torch-fidelity takes images).
+
 The checkpoint records the held-out accuracy: an extractor that cannot tell the classes apart gives meaningless
 distances, so look at it before trusting a number. The torch-fidelity class loads the checkpoint directory given as
 `feature_extractor_weights_path`, so one registered name serves any checkpoint; the checkpoint's sha256 goes into
@@ -16,6 +20,7 @@ the reference-feature cache key.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +37,16 @@ CHECKPOINT_KIND = "domain-classifier"
 
 @dataclass
 class ClassifierConfig:
+    modality: str = "image"       # image: (B, 3, H, W) pictures; audio: (B, 1, T) clips, seen as log-mel spectrograms
     image_size: int = 16          # side of the square input; other sizes are resized (bilinear, antialiased)
+    sample_rate: int = 16_000     # audio: the clips' rate
+    clip_samples: int = 16_000    # audio: clips are centre-cropped or zero-padded to this length
+    n_mels: int = 40              # audio: mel bands (n_fft 1024 at 16 kHz scaled with the rate, hop 20 ms)
     num_classes: int = 10
     width: int = 16               # channels of the first conv stage
     feature_dim: int = 64         # channels of the second stage = FID feature dimension
     epochs: int = 8               # full passes over the training split (digits: ~99% held-out accuracy)
+    min_steps: int = 0            # at least this many optimiser steps (more epochs on a small split); 0 = epochs only
     batch_size: int = 128
     lr: float = 2e-3              # Adam
     weight_decay: float = 1e-4
@@ -45,7 +55,8 @@ class ClassifierConfig:
 
 
 class DomainClassifier(nn.Module):
-    """Two conv stages (conv-BN-ReLU x2, max-pool), global average pool -> features, linear -> logits."""
+    """Two conv stages (conv-BN-ReLU x2, max-pool), global average pool -> features, linear -> logits. Images enter as
+    they are (3 channels); audio as a 1-channel log-mel picture."""
 
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
@@ -56,12 +67,23 @@ class DomainClassifier(nn.Module):
                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
                 nn.MaxPool2d(2))
 
+        if cfg.modality not in ("image", "audio"):
+            raise ValueError(f"classifier modality {cfg.modality!r}: choose image or audio")
         self.cfg = cfg
-        self.body = nn.Sequential(stage(3, cfg.width), stage(cfg.width, cfg.feature_dim))
+        self.body = nn.Sequential(stage(3 if cfg.modality == "image" else 1, cfg.width),
+                                  stage(cfg.width, cfg.feature_dim))
         self.head = nn.Linear(cfg.feature_dim, cfg.num_classes)
+        if cfg.modality == "audio":
+            import torchaudio
+            n_fft = 1 << round(math.log2(1024 * cfg.sample_rate / 16_000))
+            self.mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate, n_fft=n_fft,
+                                                            hop_length=cfg.sample_rate // 50, n_mels=cfg.n_mels)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [0, 255] or float [-1, 1] (B, 3, H, W) -> float [-1, 1] at image_size."""
+        """uint8 [0, 255] or float [-1, 1] (B, 3, H, W) -> float [-1, 1] at image_size; audio: int16 or float [-1, 1]
+        (B, 1, T) -> (B, 1, n_mels, frames) log-mel of the centre `clip_samples`."""
+        if self.cfg.modality == "audio":
+            return self.prepare_audio(images)
         if images.dtype == torch.uint8:
             x = images.float() / 127.5 - 1
         elif images.is_floating_point():
@@ -74,6 +96,22 @@ class DomainClassifier(nn.Module):
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         return x
+
+    def prepare_audio(self, clips: torch.Tensor) -> torch.Tensor:
+        if clips.dim() == 4:  # already a log-mel picture (prepared once before training)
+            return clips
+        if clips.dtype == torch.int16:
+            x = clips.float() / 32768
+        elif clips.is_floating_point():
+            x = clips.float()
+        else:
+            raise ValueError(f"extractors: expected int16 or float [-1, 1] clips, got {clips.dtype}")
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"extractors: expected (B, 1, T) clips, got {tuple(x.shape)}")
+        n, t = self.cfg.clip_samples, x.shape[-1]
+        x = x[..., (t - n) // 2:(t - n) // 2 + n] if t > n else F.pad(x, ((n - t) // 2, n - t - (n - t) // 2))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.log(self.mel.to(x.device)(x) + 1e-5)  # (B, 1, n_mels, frames)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(self.prepare(images)).mean(dim=(2, 3))  # (B, feature_dim)
@@ -120,7 +158,8 @@ def train_domain_classifier(images: torch.Tensor, labels: torch.Tensor,
     x_all = model.prepare(images)  # resize once, not every epoch
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
-    for _ in range(cfg.epochs):
+    epochs = max(cfg.epochs, -(-cfg.min_steps // max(1, -(-len(train) // cfg.batch_size))))
+    for _ in range(epochs):
         model.train()
         perm = train[torch.randperm(len(train), generator=g)]
         total = 0.0
@@ -135,6 +174,15 @@ def train_domain_classifier(images: torch.Tensor, labels: torch.Tensor,
     acc = accuracy(model, x_all[hold], labels[hold])
     model.eval()
     return TrainedClassifier(model, cfg, acc, len(train), n_hold, history)
+
+
+@torch.no_grad()
+def classifier_outputs(model: DomainClassifier, samples: torch.Tensor, batch_size: int = 256
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, feature_dim), logits (N, classes)) of samples as `prepare` takes them, in eval mode."""
+    model.eval()
+    feats = torch.cat([model.features(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)])
+    return feats, model.head(feats)
 
 
 def save_classifier(path, trained: TrainedClassifier):

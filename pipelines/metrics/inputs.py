@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from data.errors import UserError
-from data.media import to_uint8
+from data.media import to_integers
+from data.shards import read_manifest
 from data.reader import MediaBatch, media_loader
 from pipelines.metrics.subsets import stratified_subset
 
@@ -56,11 +57,13 @@ def load_samples(samples_dir: str | Path, data_manifest_sha: str) -> tuple[torch
 
 
 def load_split(data: str, split: str, limit: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 (N, 3, H, W), labels (N,)) of a split, center-cropped: exactly what evaluation compares against.
-    With a limit: a class-stratified random subset of that many (`stratified_subset`), not the first ones."""
+    """(uint8 (N, 3, H, W) | int16 (N, 1, T), labels (N,)) of a split, center-cropped, as the files of the modality
+    store them: exactly what evaluation compares against. With a limit: a class-stratified random subset of that many
+    (`stratified_subset`), not the first ones."""
+    spec = read_manifest(data).spec
     xs, ys = [], []
     for batch in media_loader(data, split, 256, train=False):
-        xs.append(to_uint8(batch.x))
+        xs.append(to_integers(batch.x, spec))
         ys.append(batch.labels)
     x, y = torch.cat(xs), torch.cat(ys)
     if not limit or limit >= len(y):

@@ -1,0 +1,171 @@
+"""Audio evaluation: a tokenizer's reconstructions of whole utterances, and generated clips judged by a classifier.
+
+    clips = full_clips("runs/sd/strings", "val")                 # every val clip at its full length, float (1, T)
+    metrics, recons = reconstruct_and_score(model, clips, rate, AudioEvalConfig(crepe_model="tiny"), device)
+    gen = generated_audio_metrics(samples_int16, labels, reference, ref_labels, classifier, tag, fidelity_cfg)
+
+Reconstruction runs on whole utterances, not the 1-s training crops, as the paper's test set does (`evaluation_speech`
+uses full LibriTTS utterances): each clip is zero-padded at the end to a multiple of the hop, encoded and decoded
+alone, and cut back. Per clip: L1, SNR, SI-SDR, DAC's multi-scale mel distance, multi-resolution STFT distance
+(pipelines/metrics/audio.py), and the speech metrics PESQ-wb, STOI, ViSQOL (speech mode), V/UV F1 (CREPE) and, given a
+local checkpoint, UTMOS (pipelines/metrics/speech.py). A speech metric that cannot score a clip (too short: PESQ,
+STOI and ViSQOL need >= 2 s; a library refusal) is counted in `<name>_failures` and left out of the mean, never
+averaged in as the official script's -1. The code rate: `tokens_per_second` = rate / hop, `bitrate_kbps` =
+tokens/s x log2 K / 1000, and utilisation over the val tokens.
+
+Generated clips (no Inception for audio): a log-mel classifier trained on the real train split
+(pipelines/metrics/extractors.py, modality "audio") gives the class accuracy (how often the class a clip was generated
+for is heard), an Inception-style score of its logits (`is_<tag>`) and a Fréchet distance on its features
+(`fd_<tag>`, named so, never "FID"), with KID and precision/recall on the same features.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from data.audio import read_audio
+from data.errors import UserError
+from data.shards import iter_shard_samples, list_shards, read_manifest
+from pipelines.metrics.audio import mel_distance, si_sdr, snr, stft_distance
+from pipelines.metrics.fid import FidelityConfig, metrics_from_features
+from pipelines.metrics.speech import DEFAULT_METRICS, SpeechScores, speech_metrics
+from tokenizer.quantizers import CodebookUsage
+
+
+@dataclass
+class AudioEvalConfig:
+    speech_metrics: tuple[str, ...] = DEFAULT_METRICS  # pesq, stoi, visqol, vuv_f1 (+ utmos with utmos_path)
+    crepe_model: str = "full"  # V/UV F1's pitch tracker: full (reports, ~10 s a clip on CPU) | tiny (quick runs)
+    utmos_path: str = ""  # local UTMOS TorchScript file; "" = no UTMOS (nothing is downloaded)
+    max_clips: int = 0  # val clips reconstructed (a seeded random subset); 0 = all
+    seed: int = 0  # the subset's seed
+
+
+class Clip(NamedTuple):
+    key: str
+    x: torch.Tensor  # (1, T) float32 in [-1, 1], the whole file
+    label: int
+
+
+def full_clips(data: str | Path, split: str, limit: int = 0, seed: int = 0) -> list[Clip]:
+    """Every clip of a split at its full length (the shards store whole files; training crops happen at read time),
+    or a seeded random subset of `limit` of them, in shard order."""
+    manifest = read_manifest(data)
+    if manifest.spec.modality != "audio":
+        raise UserError(f"{data} holds {manifest.spec.modality}, not audio")
+    clips = []
+    for path in list_shards(data, split):
+        for key, fields in iter_shard_samples(path):
+            wav, rate = read_audio(fields[manifest.field_name])
+            if rate != manifest.spec.sample_rate:
+                raise UserError(f"{path}: sample {key!r} is {rate} Hz but the manifest says "
+                                f"{manifest.spec.sample_rate} Hz; re-shard with `python -m pipelines.make_shards`")
+            clips.append(Clip(key, torch.from_numpy(wav).unsqueeze(0), int(fields.get("cls", b"-1"))))
+    if limit and limit < len(clips):
+        keep = sorted(random.Random(seed).sample(range(len(clips)), limit))
+        clips = [clips[i] for i in keep]
+    return clips
+
+
+@torch.no_grad()
+def reconstruct_clip(model, x: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat (1, T), codes) of one whole clip: zero-padded at the end to a multiple of the hop, cut back after."""
+    hop, length = model.downsample_factor, x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, -length % hop))[None].to(device)  # (1, 1, T')
+    out = model(padded)
+    return out.x_hat[0, :, :length].float().clamp(-1, 1).cpu(), out.codes.cpu()
+
+
+PER_CLIP = {"snr": lambda x, y, rate: snr(x, y), "si_sdr": lambda x, y, rate: si_sdr(x, y),
+            "mel_distance": mel_distance, "stft_distance": lambda x, y, rate: stft_distance(x, y)}
+
+
+def score_clips(refs: list[torch.Tensor], recons: list[torch.Tensor], rate: int, cfg: AudioEvalConfig,
+                device="cpu") -> dict[str, float]:
+    """Means over clips of L1 and PER_CLIP, and the speech metrics with their counts and failures."""
+    sums = {"recon_l1": 0.0, **{name: 0.0 for name in PER_CLIP}}
+    speech = {name: SpeechScores() for name in cfg.speech_metrics}
+    for x, y in zip(refs, recons):
+        a, b = x[None].float(), y[None].float()  # (1, 1, T)
+        sums["recon_l1"] += float((a - b).abs().mean())
+        for name, fn in PER_CLIP.items():
+            sums[name] += float(fn(a, b, rate)[0])
+        if speech:
+            for name, scores in speech_metrics(a, b, rate, tuple(speech), cfg.crepe_model, cfg.utmos_path or None,
+                                               device).items():
+                speech[name].extend(scores)
+    n = max(1, len(refs))
+    metrics = {name: total / n for name, total in sums.items()}
+    for name, scores in speech.items():
+        summary = scores.summary(name)
+        if not scores.count:  # no clip could be scored: counts only, never a NaN mean in metrics.json
+            del summary[name]
+        metrics.update(summary)
+    metrics["clips"] = float(len(refs))
+    metrics["seconds"] = float(sum(x.shape[-1] for x in refs) / rate)
+    return metrics
+
+
+def failure_notes(prefix: str, metrics: dict[str, float]) -> list[str]:
+    return [f"{prefix}{k[:-len('_failures')]}: {v:.0f} of {metrics[prefix + 'clips']:.0f} clips could not be scored "
+            f"(too short or refused by the library; left out of the mean)"
+            for k, v in metrics.items() if k.endswith("_failures") and v and k.startswith(prefix)]
+
+
+def reconstruct_and_score(model, clips: list[Clip], rate: int, cfg: AudioEvalConfig, device
+                          ) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """recon/* over whole clips: the per-clip and speech metrics, utilisation on these tokens, the code rate."""
+    model.eval()
+    usage = CodebookUsage(model.quantizer.num_codes, device="cpu")
+    recons = []
+    for clip in clips:
+        x_hat, codes = reconstruct_clip(model, clip.x, device)
+        usage.update(codes)
+        recons.append(x_hat)
+    metrics = score_clips([c.x for c in clips], recons, rate, cfg, device)
+    k = model.quantizer.num_codes
+    metrics.update({"utilisation": usage.utilisation, "perplexity": usage.perplexity, "tokens": float(usage.total),
+                    "num_codes": float(k), "max_utilisation": min(1.0, usage.total / k),
+                    "tokens_per_second": rate / model.downsample_factor,
+                    "bitrate_kbps": rate / model.downsample_factor * math.log2(k) / 1000})
+    return {f"recon/{name}": v for name, v in metrics.items()}, recons
+
+
+def generated_audio_metrics(samples: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
+                            classifier, tag: str, fidelity: FidelityConfig) -> tuple[dict[str, float], list[str]]:
+    """gen/*: class accuracy, Inception-style score, and Fréchet distance / KID / precision-recall on the log-mel
+    classifier's features, of generated clips (int16 (N, 1, T)) against real clips of the train split."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    from pipelines.metrics.extractors import classifier_outputs
+    gen_feats, gen_logits = classifier_outputs(classifier, samples)
+    ref_feats, _ = classifier_outputs(classifier, reference)
+    result = metrics_from_features(gen_feats.double().numpy(), ref_feats.double().numpy(), tag, fidelity)
+    metrics = {f"gen/{k.replace('fid_', 'fd_')}": v for k, v in result.metrics.items()}
+    splits = max(1, min(10, len(samples) // 10))  # at least 10 clips a split
+    isc = isc_features_to_metric(gen_logits.double(), splits=splits, rng_seed=fidelity.seed)
+    metrics[f"gen/is_{tag}"], metrics[f"gen/is_std_{tag}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
+    if (labels >= 0).all():
+        metrics[f"gen/class_accuracy_{tag}"] = float((gen_logits.argmax(1) == labels).float().mean())
+    metrics[f"gen/n_{tag}"], metrics[f"gen/n_reference_{tag}"] = float(len(samples)), float(len(reference))
+    notes = [f"gen/{n}" for n in result.notes]
+    return metrics, notes
+
+
+def to_int16(clips: list[torch.Tensor] | torch.Tensor, length: int) -> torch.Tensor:
+    """Clips in [-1, 1] (1, T) -> int16 (N, 1, length), centre-cropped or zero-padded: what the classifier reads."""
+    from data.audio import to_int16 as pcm
+    out = []
+    for x in clips:
+        t = x.shape[-1]
+        x = x[..., (t - length) // 2:(t - length) // 2 + length] if t > length else torch.nn.functional.pad(
+            x, ((length - t) // 2, length - t - (length - t) // 2))
+        out.append(pcm(x))
+    return torch.stack(out) if out else torch.zeros(0, 1, length, dtype=torch.int16)
+
+
