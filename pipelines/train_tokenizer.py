@@ -4,11 +4,15 @@
     accelerate launch -m pipelines.train_tokenizer --config=configs/tokenizer_b.toml     # several GPUs / nodes
     python -m pipelines.train_tokenizer ... --resume        # after an interruption (= --loop.resume=true)
 
+    python -m pipelines.train_tokenizer --config=configs/tokenizer_audio_cpu.toml --data=<16 kHz shards> --out=...
+
 Losses (spec §3): recon/l1 + 1.0 perceptual/lpips + 0.1 gan/g (PatchGAN, hinge D) + 1.0 vq/commit, weighted by
-`losses.weights`; gan/g and gan/d are sums over `losses.discriminators`, which train as one model "d" (all of them in
-one optimiser, one DDP module). Adam(lr 1e-4, betas (0.5, 0.9)) for generator and discriminators; EMA 0.999 of the
-generator, which evaluation and the exported checkpoint use. Logged every `loop.log_every` steps under the same names,
-with codebook utilisation/perplexity over the steps since the last log line; evaluated on the whole val split.
+`losses.weights`; the audio recipe (AUDIO_SPEC §2, configs/tokenizer_audio_*.toml): 45 recon/mel + 1000 vq/commit +
+gan/g + gan/fm over MPD + MRD. gan/g, gan/fm and gan/d add up over `losses.discriminators`, which train as one model
+"d" (all of them in one optimiser, one DDP module); before `disc_start` neither the GAN terms nor the D step run.
+Adam(lr 1e-4, betas (0.5, 0.9)) for generator and discriminators; EMA 0.999 of the generator, which evaluation and
+the exported checkpoint use. Logged every `loop.log_every` steps under the same names, with codebook
+utilisation/perplexity over the steps since the last log line; evaluated on the whole val split.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from pipelines.lpips_weights import lpips_for_losses
 from pipelines.metrics.reconstruction import reconstruction_metrics
 from pipelines.trainer import LoopConfig, Trainer
 from tokenizer import LossConfig, TokenizerConfig, TokenizerLosses, build_tokenizer, get_arch
+from tokenizer.losses import GAN_LOSSES
 from tokenizer.quantizers import QUANTIZERS, CodebookUsage
 
 
@@ -38,7 +43,8 @@ class TrainTokenizerConfig:
     batch_size: int = 64  # micro-batch per process
     num_workers: int = 0  # DataLoader workers per process
     shuffle_buffer: int = 1_000  # samples mixed by the train reader (shards are resampled and written shuffled)
-    disc_start: int = 0  # step at which the GAN losses switch on (the paper: 0)
+    disc_start: int = 0  # step at which the GAN terms and the D step switch on (the paper: 0); before: no D at all
+    sample_rate: int = 0  # audio: the rate the recipe expects of the shards (refused otherwise); 0 = theirs
     eval_batches: int = 0  # 0 = the whole val split
     betas: tuple[float, float] = (0.5, 0.9)  # Adam betas for G and D (spec §3)
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -57,29 +63,38 @@ def check_names(model: TokenizerConfig) -> None:
 
 
 def check_media(cfg: TrainTokenizerConfig, spec: MediaSpec) -> None:
-    """The model's dims and channels must be the shards' (an RGB tokenizer cannot train on mono audio)."""
+    """The model's dims and channels must be the shards' (an RGB tokenizer cannot train on mono audio), and their
+    sample rate the recipe's when it names one."""
     if (cfg.model.dims, cfg.model.in_channels) != (spec.dims, spec.channels):
         raise ConfigError(f"--model.dims={cfg.model.dims} --model.in_channels={cfg.model.in_channels} but {cfg.data} "
                           f"holds {spec.modality} (dims {spec.dims}, {spec.channels} channels): set "
                           f"--model.dims={spec.dims} --model.in_channels={spec.channels}")
+    if cfg.sample_rate and (spec.modality != "audio" or spec.sample_rate != cfg.sample_rate):
+        held = f"{spec.sample_rate} Hz audio" if spec.modality == "audio" else spec.modality
+        raise ConfigError(f"--sample_rate={cfg.sample_rate} but {cfg.data} holds {held}: make shards at that rate "
+                          f"(python -m pipelines.make_shards --modality=audio --sample_rate={cfg.sample_rate} ...) or "
+                          f"set --sample_rate=0")
 
 
-def build_losses(cfg: TrainTokenizerConfig) -> TokenizerLosses:
-    """The loss bundle; a setting it refuses (a loss name, LPIPS files, discriminator kinds) is a config error."""
+def build_losses(cfg: TrainTokenizerConfig, sample_rate: int | None = None) -> TokenizerLosses:
+    """The loss bundle (recon/mel at the data's `sample_rate`); a setting it refuses (a loss name, LPIPS files,
+    discriminator kinds) is a config error."""
     try:
         return TokenizerLosses(cfg.losses, in_channels=cfg.model.in_channels, dims=cfg.model.dims,
-                               lpips=lpips_for_losses(cfg.losses))
+                               lpips=lpips_for_losses(cfg.losses), sample_rate=sample_rate)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"--losses: {e.args[0] if isinstance(e, KeyError) else e}") from None
 
 
-def build_train_step(cfg: TrainTokenizerConfig, trainer: Trainer) -> Callable[[list, int], dict[str, float]]:
+def build_train_step(cfg: TrainTokenizerConfig, trainer: Trainer,
+                     sample_rate: int | None = None) -> Callable[[list, int], dict[str, float]]:
     """Build the generator, the loss bundle and its discriminators on `trainer` (seeded, so every process starts from
-    the same weights) and return the stage's train_step(micro_batches, step): the G step, then the D step."""
+    the same weights) and return the stage's train_step(micro_batches, step): the G step, then the D step.
+    `sample_rate`: the audio shards' (for recon/mel)."""
     device = trainer.device
     torch.manual_seed(cfg.loop.seed)  # the same initial weights (and frozen codebook) on every process
     model = build_tokenizer(cfg.model)
-    crit = build_losses(cfg).to(device)
+    crit = build_losses(cfg, sample_rate).to(device)
     g = trainer.add("g", model, torch.optim.Adam(model.parameters(), lr=cfg.loop.lr, betas=cfg.betas), ema=True)
     d = None  # every discriminator as one model "d" (Discriminators), called through its DDP wrapper when there is one
     if len(crit.discriminators):
@@ -89,8 +104,9 @@ def build_train_step(cfg: TrainTokenizerConfig, trainer: Trainer) -> Callable[[l
 
     def train_step(micro, step: int) -> dict[str, float]:
         gan_on = d is not None and step >= cfg.disc_start
-        # D is in the generator's graph (gan/g, weighted 0 before disc_start; the trainer keeps it frozen there)
-        weights = {**cfg.losses.weights, **({} if gan_on else {"gan/g": 0.0})}
+        # Before disc_start the discriminators are not called at all (the mel-only warm start); after, D is in the
+        # generator's graph through gan/g and gan/fm, and the trainer keeps it frozen there.
+        weights = {**cfg.losses.weights, **({} if gan_on else {k: 0.0 for k in GAN_LOSSES})}
         x_hats = []
 
         def generator_losses(batch) -> dict[str, torch.Tensor]:
@@ -98,7 +114,7 @@ def build_train_step(cfg: TrainTokenizerConfig, trainer: Trainer) -> Callable[[l
             out = g(x)
             usage.update(out.codes)
             x_hats.append(out.x_hat.detach())  # the D step below judges these same reconstructions
-            return {**out.losses, **crit.generator_losses(x, out.x_hat, d)}
+            return {**out.losses, **crit.generator_losses(x, out.x_hat, d, gan_on)}  # gan_on: the `gan` argument
 
         logs = trainer.step("g", micro, generator_losses, weights)
         if gan_on:
@@ -122,7 +138,8 @@ def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
     check_media(cfg, manifest.spec)
     trainer = Trainer(cfg.loop, cfg.out, kind="tokenizer", model_config=to_dict(cfg.model), full_config=to_dict(cfg))
     device = trainer.device
-    train_step = build_train_step(cfg, trainer)
+    audio = manifest.spec.modality == "audio"
+    train_step = build_train_step(cfg, trainer, manifest.spec.sample_rate if audio else None)
 
     epoch_len = -(-manifest.counts["train"] // (cfg.batch_size * trainer.accelerator.num_processes))
 
