@@ -384,3 +384,16 @@ def test_a_recipe_refuses_shards_at_another_rate(tone_shards, tmp_path):
     from pipelines.config import ConfigError
     with pytest.raises(ConfigError, match=r"--sample_rate=24000 but .* holds 16000 Hz audio"):
         train(AUDIO + [f"--data={tone_shards}", f"--out={tmp_path}", "--sample_rate=24000"])
+
+
+@pytest.mark.parametrize("recipe, rate, size", [("paper", 24_000, "paper"), ("cpu", 16_000, "cpu")])
+def test_the_audio_recipes_parse_and_name_what_exists(recipe, rate, size):
+    """configs/tokenizer_audio_*.toml: every key is a setting, every registry name exists, the paper's numbers."""
+    path = Path(__file__).parents[1] / "configs" / f"tokenizer_audio_{recipe}.toml"
+    cfg = parse_config(train_tokenizer.TrainTokenizerConfig, [f"--config={path}", "--data=x", "--out=y"])
+    train_tokenizer.check_names(cfg.model)
+    assert (cfg.sample_rate, cfg.model.arch, cfg.model.size, cfg.model.dims) == (rate, "seanet-vocos", size, 1)
+    assert {k: cfg.losses.weights[k] for k in ("recon/mel", "vq/commit")} == {"recon/mel": 45.0, "vq/commit": 1000.0}
+    assert cfg.betas == (0.5, 0.9) and cfg.loop.lr == 1e-4 and cfg.loop.ema_decay == 0.999
+    assert set(cfg.losses.discriminators) >= {"mpd", "mrd"} and ("dac" in cfg.losses.discriminators) == (recipe == "paper")
+    assert cfg.losses.mpd_width == (1.0 if recipe == "paper" else 0.25)
