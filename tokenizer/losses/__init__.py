@@ -100,7 +100,7 @@ class TokenizerLosses(nn.Module):
     Generator step:  losses = {**ae_out.losses, **crit.generator_losses(x, ae_out.x_hat)}
                      weighted_sum(losses, cfg.weights).backward()
     Discriminator:   crit.discriminator_losses(x, ae_out.x_hat)["gan/d"].backward()
-    `crit.discriminators` is a `Discriminators` module, an nn.ModuleDict (empty when the gan/g weight is 0), e.g.
+    `crit.discriminators` is a `Discriminators` module, an nn.ModuleDict (empty when the gan/g and gan/fm weights are 0), e.g.
     {"patch": PatchDiscriminator}. Train it as one model; both loss methods take `d=`, the module to call in its place
     (its DDP wrapper, from `Trainer.add`), and call it once per input (x_hat, or x then x_hat).
     The generator step also leaves gradients on the discriminators unless they are frozen: zero them before their step.
