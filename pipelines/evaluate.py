@@ -47,15 +47,13 @@ from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
 from pipelines.metrics import inception_weights as weights
-from pipelines.metrics.audio_eval import (AudioEvalConfig, failure_notes, full_clips, generated_audio_metrics,
-                                          reconstruct_and_score, to_int16)
+from pipelines.metrics.audio_eval import AudioEvalConfig, audio_reconstruction, generated_audio_metrics
 from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
                                           train_domain_classifier)
 from pipelines.metrics.fid import (FIDELITY_MODALITIES, Extractor, FidelityConfig, compute_fidelity,
                                    inception_extractor)
 from pipelines.metrics.inputs import keep_labels, load_samples, load_split
 from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
-from pipelines.metrics.grids import recon_grid, write_png
 from pipelines.metrics.subsets import class_counts, stratified_subset
 
 
@@ -204,7 +202,10 @@ def reconstruction(cfg: EvaluateConfig, device, data: MediaManifest, data_sha: s
     modality, notes = data.spec.modality, record["notes"]
     if modality == "audio":
         record["tokenizer"] = str(ckpt)
-        return audio_reconstruction(cfg, model, device, data, notes)
+        metrics, audio_notes = audio_reconstruction(model, cfg.data, Path(cfg.out), cfg.audio, cfg.usage_split,
+                                                    cfg.batch_size, device)
+        notes += audio_notes
+        return metrics
     images = modality in FIDELITY_MODALITIES
     originals, recons, val_labels = [], [], []
 
@@ -234,25 +235,6 @@ def reconstruction(cfg: EvaluateConfig, device, data: MediaManifest, data_sha: s
         metrics.update(m)
         record["subsets"][f"recon/{e.tag}"] = r
         notes += r["notes"]
-    return metrics
-
-
-def audio_reconstruction(cfg: EvaluateConfig, model, device, data: MediaManifest, notes: list[str]
-                         ) -> dict[str, float]:
-    """recon/* over whole val clips (pipelines/metrics/audio_eval.py), usage/* over `usage_split`, the recon grid."""
-    clips = full_clips(cfg.data, "val", cfg.audio.max_clips, cfg.audio.seed)
-    metrics, recons = reconstruct_and_score(model, clips, data.spec.sample_rate, cfg.audio, device)
-    if cfg.usage_split:
-        metrics.update(codebook_usage(model, media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False),
-                                      device))
-    notes += failure_notes("recon/", metrics)
-    notes += [n for n in (usage_note(metrics, "recon/"), usage_note(metrics, "usage/")) if n]
-    shown = clips[:8]
-    if shown:  # originals above their reconstructions, cut to the shortest shown clip
-        n = min(c.x.shape[-1] for c in shown)
-        write_png(recon_grid(torch.stack([c.x[..., :n] for c in shown]), torch.stack([r[..., :n] for r in
-                                                                                     recons[:8]]), "audio"),
-                  Path(cfg.out) / "recon.png")
     return metrics
 
 

@@ -3,13 +3,15 @@
     python -m pipelines.reconstruct --tokenizer=runs/digits/tokenizer --data=runs/digits/shards --out=runs/digits/recon
 
 The metrics (pipelines/metrics/reconstruction.py) are the training loop's evaluation, run over the whole `split`:
-L1 and the modality's per-sample metrics (images PSNR/SSIM, audio SNR), codebook utilisation next to its token
-count, and usage/* counted over `usage_split` (encoder only; a val split often holds fewer tokens than K).
+L1 and PSNR/SSIM for images, codebook utilisation next to its token count, and usage/* counted over `usage_split`
+(encoder only; a val split often holds fewer tokens than K). Audio is what `evaluate` reports, on whole val
+utterances (pipelines/metrics/audio_eval.py: SNR, SI-SDR, mel/STFT distance, PESQ, STOI, ViSQOL, V/UV F1, bitrate),
+under `recon/`.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.files import write_text_atomic
@@ -19,6 +21,7 @@ from pipelines.checkpoint import load_tokenizer
 from pipelines.cli import run
 from pipelines.config import required, to_dict
 from pipelines.device import resolve_device
+from pipelines.metrics.audio_eval import AudioEvalConfig, audio_reconstruction
 from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
 
 
@@ -31,6 +34,7 @@ class ReconstructConfig:
     usage_split: str = "train"  # split encoded for usage/* (codebook utilisation on many tokens); "" = skip
     batch_size: int = 64  # samples per forward
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    audio: AudioEvalConfig = field(default_factory=AudioEvalConfig)  # audio: speech metrics, CREPE model, clips
 
 
 def main(cfg: ReconstructConfig) -> dict[str, float]:
@@ -38,6 +42,12 @@ def main(cfg: ReconstructConfig) -> dict[str, float]:
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
     modality = read_manifest(cfg.data).spec.modality
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if modality == "audio":
+        metrics, notes = audio_reconstruction(model, cfg.data, out, cfg.audio, cfg.usage_split, cfg.batch_size, device,
+                                              cfg.split)
+        return finish(cfg, ckpt, {k.replace("recon/", f"{cfg.split}/"): v for k, v in metrics.items()},
+                      [n.replace("recon/", f"{cfg.split}/") for n in notes])
     loader = media_loader(cfg.data, cfg.split, cfg.batch_size, train=False)
     metrics = reconstruction_metrics(model, loader, device, grid_path=out / "recon.png", modality=modality)
     metrics = {k.replace("val/", f"{cfg.split}/"): v for k, v in metrics.items()}
@@ -45,8 +55,12 @@ def main(cfg: ReconstructConfig) -> dict[str, float]:
         usage_loader = media_loader(cfg.data, cfg.usage_split, cfg.batch_size, train=False)
         metrics.update(codebook_usage(model, usage_loader, device))
     notes = [n for n in (usage_note(metrics, f"{cfg.split}/"), usage_note(metrics, "usage/")) if n]
+    return finish(cfg, ckpt, metrics, notes)
+
+
+def finish(cfg: ReconstructConfig, ckpt, metrics: dict[str, float], notes: list[str]) -> dict[str, float]:
+    out = Path(cfg.out)
     record = {"metrics": metrics, "notes": notes, "tokenizer": str(ckpt), "settings": to_dict(cfg)}
-    out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
     print(json.dumps(metrics, indent=2))
     for n in notes:

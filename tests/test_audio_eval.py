@@ -68,7 +68,7 @@ def test_evaluate_audio_reconstruction(spoken, tmp_path):
     for key in ("recon/mel_distance", "recon/si_sdr", "recon/stft_distance", "recon/snr", "recon/pesq", "recon/stoi",
                 "recon/vuv_f1", "recon/utilisation", "usage/utilisation"):
         assert math.isfinite(m[key]), key
-    assert m["recon/clips"] == 3 and m["recon/pesq_count"] + m["recon/pesq_failures"] == 3
+    assert m["recon/samples"] == 3 and m["recon/pesq_count"] + m["recon/pesq_failures"] == 3
     assert m["recon/tokens_per_second"] == 50 and m["recon/bitrate_kbps"] == pytest.approx(0.3)  # 50 x log2 64
     assert m["recon/mel_distance"] > 0 and m["recon/pesq"] < 3  # an untrained tokenizer is far from identity
     assert (tmp_path / "e" / "recon.png").is_file()

@@ -106,13 +106,13 @@ def score_clips(refs: list[torch.Tensor], recons: list[torch.Tensor], rate: int,
         if not scores.count:  # no clip could be scored: counts only, never a NaN mean in metrics.json
             del summary[name]
         metrics.update(summary)
-    metrics["clips"] = float(len(refs))
+    metrics["samples"] = float(len(refs))
     metrics["seconds"] = float(sum(x.shape[-1] for x in refs) / rate)
     return metrics
 
 
 def failure_notes(prefix: str, metrics: dict[str, float]) -> list[str]:
-    return [f"{prefix}{k[:-len('_failures')]}: {v:.0f} of {metrics[prefix + 'clips']:.0f} clips could not be scored "
+    return [f"{prefix}{k[:-len('_failures')]}: {v:.0f} of {metrics[prefix + 'samples']:.0f} clips could not be scored "
             f"(too short or refused by the library; left out of the mean)"
             for k, v in metrics.items() if k.endswith("_failures") and v and k.startswith(prefix)]
 
@@ -134,6 +134,27 @@ def reconstruct_and_score(model, clips: list[Clip], rate: int, cfg: AudioEvalCon
                     "tokens_per_second": rate / model.downsample_factor,
                     "bitrate_kbps": rate / model.downsample_factor * math.log2(k) / 1000})
     return {f"recon/{name}": v for name, v in metrics.items()}, recons
+
+
+def audio_reconstruction(model, data: str | Path, out: Path, cfg: AudioEvalConfig, usage_split: str, batch_size: int,
+                         device, split: str = "val") -> tuple[dict[str, float], list[str]]:
+    """What `evaluate` and `reconstruct` report for an audio tokenizer: recon/* over the whole clips of `split`,
+    usage/* over `usage_split` (the read crops, encoder only), notes, and `out`/recon.png."""
+    from data.reader import media_loader
+    from pipelines.metrics.grids import recon_grid, write_png
+    from pipelines.metrics.reconstruction import codebook_usage, usage_note
+    clips = full_clips(data, split, cfg.max_clips, cfg.seed)
+    metrics, recons = reconstruct_and_score(model, clips, read_manifest(data).spec.sample_rate, cfg, device)
+    if usage_split:
+        metrics.update(codebook_usage(model, media_loader(data, usage_split, batch_size, train=False), device))
+    notes = failure_notes("recon/", metrics)
+    notes += [n for n in (usage_note(metrics, "recon/"), usage_note(metrics, "usage/")) if n]
+    shown = clips[:8]
+    if shown:  # originals above their reconstructions, cut to the shortest shown clip
+        n = min(c.x.shape[-1] for c in shown)
+        write_png(recon_grid(torch.stack([c.x[..., :n] for c in shown]), torch.stack([r[..., :n] for r in recons[:8]]),
+                             "audio"), Path(out) / "recon.png")
+    return metrics, notes
 
 
 def generated_audio_metrics(samples: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
