@@ -145,7 +145,7 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.ema: EMA | None = None
-        self.global_step = 0  # loop steps taken (skipped ones too: the data position); `step` is the method that takes one
+        self.global_step = 0  # loop steps taken, skipped ones too (the data position); `step` takes one
         self.nonfinite_streak: dict[str, int] = {}  # consecutive skipped steps per model
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)

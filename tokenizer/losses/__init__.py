@@ -100,7 +100,8 @@ class TokenizerLosses(nn.Module):
     Generator step:  losses = {**ae_out.losses, **crit.generator_losses(x, ae_out.x_hat)}
                      weighted_sum(losses, cfg.weights).backward()
     Discriminator:   crit.discriminator_losses(x, ae_out.x_hat)["gan/d"].backward()
-    `crit.discriminators` is a `Discriminators` module, an nn.ModuleDict (empty when the gan/g and gan/fm weights are 0), e.g.
+    `crit.discriminators` is a `Discriminators` module, an nn.ModuleDict (empty when the gan/g and gan/fm weights
+    are 0), e.g.
     {"patch": PatchDiscriminator}. Train it as one model; both loss methods take `d=`, the module to call in its place
     (its DDP wrapper, from `Trainer.add`), and call it once per input (x_hat, or x then x_hat).
     The generator step also leaves gradients on the discriminators unless they are frozen: zero them before their step.
@@ -132,8 +133,8 @@ class TokenizerLosses(nn.Module):
         self.discriminators = Discriminators()
         if any(cfg.weights.get(k, 0.0) != 0 for k in GAN_LOSSES):
             if not cfg.discriminators:
-                raise ValueError("the `gan/g` or `gan/fm` weight is non-zero but the `discriminators` setting is empty; "
-                                 f"name some of {sorted(DISCRIMINATORS)} or set those weights to 0")
+                raise ValueError("the `gan/g` or `gan/fm` weight is non-zero but the `discriminators` setting is "
+                                 f"empty; name some of {sorted(DISCRIMINATORS)} or set those weights to 0")
             twice = sorted({name for name in cfg.discriminators if cfg.discriminators.count(name) > 1})
             if twice:
                 raise ValueError(f"the `discriminators` setting names {twice} more than once; name each kind once")
@@ -194,7 +195,8 @@ class TokenizerLosses(nn.Module):
         """{key: the total, key/<kind>: per family with feature maps}: a family's terms summed, or averaged when its
         objective says so (the audio recipe's adv_MPD/5 + adv_MRD/3); the total adds the terms in one sum, in order,
         so the PatchGAN's losses are exactly what they were before families."""
-        scaled = {k: [t / len(ts) for t in ts] if self.objectives[k].family == "mean" else ts for k, ts in terms.items()}
+        scaled = {k: [t / len(ts) for t in ts] if self.objectives[k].family == "mean" else ts
+                  for k, ts in terms.items()}
         out = {key: torch.stack([t for ts in scaled.values() for t in ts]).sum()}
         for k, ts in scaled.items():
             if self.objectives[k] is not OBJECTIVES["non-saturating"]:  # the audio families

@@ -76,7 +76,8 @@ def build_discriminator(name: str, cfg: "LossConfig", in_channels: int, dims: in
 
 
 class Discriminators(nn.ModuleDict):
-    """Every discriminator of a recipe as one module: `forward(x) -> {name: [logits or Scores, ...]}`, in insertion order.
+    """Every discriminator of a recipe as one module: `forward(x) -> {name: [logits or Scores, ...]}`, in insertion
+    order.
 
     Training calls this module (or its DDP wrapper, from `Trainer.add`) once per input rather than each child
     directly: DDP only all-reduces the gradients of a backward that follows a call to its own forward.
