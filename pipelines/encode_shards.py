@@ -11,7 +11,8 @@ its samples are read in file order (data.shards.iter_shard_samples), decoded wit
 rng=None), encoded, and written atomically (data.tokens.write_token_shard). A token shard that exists is therefore
 complete and final, and a rerun after an interruption encodes only `pending_token_shards` (no sample lost or
 written twice). Process i of N takes pending[i::N]; the main process writes manifest.json last, after checking that
-every split holds exactly the media manifest's sample count.
+every split holds exactly the media manifest's sample count. The manifest also says what one token stands for
+(`media`, data.tokens.media_timing): for audio the sample rate, the hop and tokens per second (16 kHz / 320 = 50).
 
 Identity. `tokenizer_sha256` is the sha256 of the checkpoint's model.safetensors (the TokenManifest field's
 definition; not pipelines.checkpoint.checkpoint_hash, whose config.json also carries the training step and run
