@@ -1,6 +1,6 @@
 """A 1-D (audio) tokenizer through reconstruct, sample and evaluate: the same stages and code paths as images, the
-modality taken from the media manifest (wav files at the shards' sample rate, spectrogram grids, SNR instead of
-PSNR/SSIM, FID extractors skipped with a note)."""
+modality taken from the media manifest (wav files at the shards' sample rate, spectrogram grids, whole-clip SNR instead
+of PSNR/SSIM, Inception skipped with a note: generated clips are judged by the log-mel classifier)."""
 import json
 
 import numpy as np
@@ -18,11 +18,13 @@ from data.tokens import TokenManifest, TokenSample, media_timing, write_token_sh
 from pipelines import evaluate, reconstruct, sample, train_prior
 from pipelines.checkpoint import load_tokenizer, save_checkpoint
 from pipelines.config import parse_config, to_dict
+from pipelines.metrics.audio_eval import AudioEvalConfig
 from pipelines.metrics.grids import MIN_WIDTH, PAD, SPEC_HEIGHT, SPEC_WIDTH, upscale_factor
 from prior import SampleSettings
 from tokenizer import TokenizerConfig, build_tokenizer
 from helpers import write_tones
 
+QUICK = AudioEvalConfig(speech_metrics=())  # PESQ/STOI/ViSQOL/CREPE: tests/test_audio_eval.py; here the stages
 RATE, CLIP = 8_000, 0.512  # 4,096 samples: the audio-s downsampling factor 64 -> 64 tokens
 K, GRID, CLASSES = 64, (64,), ["high", "low"]
 
@@ -75,12 +77,14 @@ def samples(audio_run, tmp_path_factory):
 
 def test_reconstruct_a_1d_tokenizer_by_the_media_modality(audio_run, tmp_path):
     shards, tok, _ = audio_run
-    m = reconstruct.main(reconstruct.ReconstructConfig(tokenizer=str(tok), data=str(shards), out=str(tmp_path)))
+    m = reconstruct.main(reconstruct.ReconstructConfig(tokenizer=str(tok), data=str(shards), out=str(tmp_path),
+                                                       audio=QUICK))
     val = json.loads((shards / "manifest.json").read_text())["counts"]["val"]
-    assert m["val/samples"] == val and m["val/tokens"] == val * 64 and m["usage/tokens"] > 0
+    # whole clips (0.6 s = 4,800 samples, padded to 75 hops of 64), not the 0.512-s training crops
+    assert m["val/samples"] == val and m["val/tokens"] == val * 75 and m["usage/tokens"] > 0
     assert np.isfinite(m["val/snr"]) and 0 < m["val/recon_l1"] < 2
     assert "val/psnr" not in m and "val/ssim" not in m  # image metrics belong to images
-    with Image.open(tmp_path / "recon.png") as im:  # waveforms, originals above reconstructions
+    with Image.open(tmp_path / "recon.png") as im:  # spectrograms, originals above reconstructions
         assert im.mode == "RGB" and im.width >= MIN_WIDTH
 
 
@@ -116,17 +120,18 @@ def test_evaluate_a_1d_tokenizer_and_its_samples(audio_run, samples, tmp_path):
     shards, tok, _ = audio_run
     out, manifest = samples
     cfg = evaluate.EvaluateConfig(data=str(shards), tokenizer=str(tok), samples=str(out), out=str(tmp_path),
-                                  lpips_vgg16_path="unused.pth")
+                                  lpips_vgg16_path="unused.pth", audio=QUICK)
+    cfg.fidelity.cache_dir = str(tmp_path / "cache")  # the digit classifier's cache stays out of the repository
     m = evaluate.main(cfg)
     recon = reconstruct.main(reconstruct.ReconstructConfig(tokenizer=str(tok), data=str(shards),
-                                                           out=str(tmp_path / "r")))
+                                                           out=str(tmp_path / "r"), audio=QUICK))
     assert m["recon/snr"] == recon["val/snr"] and m["recon/recon_l1"] == recon["val/recon_l1"]  # one code path
     assert m["gen/samples"] == manifest["count"] == 4
-    assert not any("fid" in k or "kid" in k or "lpips" in k for k in m)
+    assert not any("fid" in k or "lpips" in k or "psnr" in k for k in m)  # Inception, LPIPS, PSNR: images only
     record = json.loads((tmp_path / "metrics.json").read_text())
-    assert any(n.startswith("FID/KID/precision/recall skipped") for n in record["notes"])
-    assert any(n.startswith("recon/lpips skipped") for n in record["notes"])
-    assert record["extractors"] == [] and "classifier" not in record
+    assert record["extractors"] == [] and any(n.startswith("inception skipped") for n in record["notes"])
+    with Image.open(tmp_path / "recon.png") as im:  # spectrograms, originals above reconstructions
+        assert im.mode == "RGB" and im.width >= MIN_WIDTH
 
 
 def test_sample_takes_the_wav_rate_from_the_token_manifest_without_media_shards(audio_run, tmp_path):
