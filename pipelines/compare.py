@@ -15,6 +15,11 @@ A tokenizer trained elsewhere joins as one more row: `--tokenizers='{"paper-1k":
 `pipelines.import_official`; their rows skip train_tokenizer and run the other four stages on `data` like every preset,
 so the table compares the generators trained on each tokenizer's codes. Their wall time excludes tokenizer training.
 
+Audio: the tokenizers train on `tokenizer_data` (e.g. spoken-digit strings of 2-4 s, long enough for PESQ, STOI and
+ViSQOL) and are scored there by `reconstruct` on whole val clips; the prior trains on `data` (the labelled 1-s
+spoken digits) and its samples are judged by the log-mel digit classifier. `--codecs=opus-6,codec2-1200` adds
+classical codec rows (pipelines.codec_baseline) measured on the same clips with the same metrics.
+
 Finished stages are reused: each stage leaves `<stage>.done.json` with the exact config it ran with; a rerun skips
 it when that config is unchanged, resumes an interrupted training run, and refuses when it changed (delete the stage
 directory or pick another --out).
@@ -30,7 +35,7 @@ from typing import Any
 
 from data.errors import UserError
 from data.files import write_text_atomic
-from pipelines import encode_shards, evaluate, sample, train_prior, train_tokenizer
+from pipelines import codec_baseline, encode_shards, evaluate, reconstruct, sample, train_prior, train_tokenizer
 from pipelines.checkpoint import load_config, resolve_checkpoint
 from pipelines.cli import run
 from pipelines.config import ConfigError, from_dict, merge_config, required, to_dict
@@ -42,6 +47,8 @@ class CompareConfig:
     data: str = required()  # labelled media shards (python -m pipelines.make_shards)
     out: str = "runs/compare"  # one sub-directory per preset, plus report.md and plots
     presets: tuple[str, ...] = ("simvq-1024", "simvq-8192", "simvq-65536", "vq-8192")  # <quantizer>-<K> each
+    tokenizer_data: str = ""  # media shards the tokenizers train and are reconstructed on; "" = data
+    codecs: tuple[str, ...] = ()  # audio: classical codec rows, <codec>-<bitrate>: opus-6 (kbit/s), codec2-1200 (bit/s)
     title: str = "Tokenizer impact report"  # report heading
     # Extra rows: name -> an existing tokenizer checkpoint (e.g. pipelines.import_official's output), not trained here
     tokenizers: dict[str, str] = field(default_factory=dict)
@@ -50,6 +57,8 @@ class CompareConfig:
     prior: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.train_prior
     sample: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.sample
     evaluate: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.evaluate
+    reconstruct: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.reconstruct (tokenizer_data)
+    codec: dict[str, Any] = field(default_factory=dict)  # overrides for pipelines.codec_baseline
 
 
 class StageChanged(UserError, RuntimeError):
@@ -60,7 +69,9 @@ STAGES = {"tokenizer": (train_tokenizer, train_tokenizer.TrainTokenizerConfig),
           "encode": (encode_shards, encode_shards.EncodeShardsConfig),
           "prior": (train_prior, train_prior.TrainPriorConfig),
           "sample": (sample, sample.SampleConfig),
-          "evaluate": (evaluate, evaluate.EvaluateConfig)}
+          "evaluate": (evaluate, evaluate.EvaluateConfig),
+          "reconstruct": (reconstruct, reconstruct.ReconstructConfig),
+          "codec": (codec_baseline, codec_baseline.CodecBaselineConfig)}
 
 
 def stage_config(cfg: CompareConfig, stage: str, **fixed: Any) -> Any:
@@ -108,14 +119,18 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
     root = Path(cfg.out) / preset
     tok_dir, tokens_dir, prior_dir = root / "tokenizer", root / "tokens", root / "prior"
     samples_dir, eval_dir = root / "samples", root / "eval"
+    tok_data = cfg.tokenizer_data or cfg.data
     stages = {  # stage -> (its directory, the settings compare decides)
-        "tokenizer": (tok_dir, dict(data=cfg.data, out=str(tok_dir))),
+        "tokenizer": (tok_dir, dict(data=tok_data, out=str(tok_dir))),
         "encode": (tokens_dir, dict(data=cfg.data, tokenizer=str(tok_dir), out=str(tokens_dir))),
         "prior": (prior_dir, dict(tokens=str(tokens_dir), out=str(prior_dir))),
         "sample": (samples_dir, dict(prior=str(prior_dir), tokenizer=str(tok_dir), out=str(samples_dir))),
         "evaluate": (eval_dir, dict(data=cfg.data, tokenizer=str(tok_dir), samples=str(samples_dir),
                                     out=str(eval_dir))),
     }
+    if cfg.tokenizer_data:  # reconstruction on the tokenizer's own data; evaluate judges the samples only
+        stages["evaluate"][1]["tokenizer"] = ""
+        stages["reconstruct"] = (root / "recon", dict(data=tok_data, tokenizer=str(tok_dir), out=str(root / "recon")))
     if given:
         tok_dir = resolve_checkpoint(given, hint="convert one with `python -m pipelines.import_official`")
         tok = load_config(tok_dir)["config"]
@@ -132,11 +147,23 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
     results = {}
     for stage, (directory, fixed) in stages.items():
         results[stage], row["seconds"][stage] = run_stage(stage, directory, stage_config(cfg, stage, **fixed))
-    row["metrics"] = {**results["evaluate"], **{f"prior/{k2}": v for k2, v in (results["prior"] or {}).items()
-                                                if k2.startswith("val/")}}
-    row["grids"] = {"recon": str((eval_dir / "recon.png").relative_to(cfg.out)),
+    recon = {k.replace("val/", "recon/", 1): v for k, v in results.get("reconstruct", {}).items()}
+    row["metrics"] = {**recon, **results["evaluate"], **{f"prior/{k2}": v for k2, v in (results["prior"] or {}).items()
+                                                         if k2.startswith("val/")}}
+    recon_dir = root / "recon" if cfg.tokenizer_data else eval_dir
+    row["grids"] = {"recon": str((recon_dir / "recon.png").relative_to(cfg.out)),
                     "samples": str((samples_dir / "grid.png").relative_to(cfg.out))}
     return row
+
+
+def run_codec(cfg: CompareConfig, name: str) -> dict[str, Any]:
+    """A classical codec's row: its reconstruction metrics on the tokenizers' val clips (no prior, no samples)."""
+    codec, bitrate = codec_baseline.parse_codec(name)
+    directory = Path(cfg.out) / name
+    fixed = dict(data=cfg.tokenizer_data or cfg.data, out=str(directory), codec=codec, bitrate=bitrate)
+    result, seconds = run_stage("codec", directory, stage_config(cfg, "codec", **fixed))
+    return {"preset": name, "quantizer": codec, "K": None, "seconds": {"codec": seconds}, "tokenizer": None,
+            "codec": True, "metrics": result, "grids": {}}
 
 
 COLUMNS = [  # (header, metric key, format) of the headline table; every metric is in the full table below it
@@ -149,8 +176,20 @@ COLUMNS = [  # (header, metric key, format) of the headline table; every metric 
 ]
 
 
+AUDIO_COLUMNS = [  # the audio rows' reconstruction headline (whole val clips), after the utilisation columns
+    ("kbps", "recon/bitrate_kbps", "{:.2f}"), ("PESQ", "recon/pesq", "{:.2f}"), ("STOI", "recon/stoi", "{:.3f}"),
+    ("ViSQOL", "recon/visqol", "{:.2f}"), ("mel dist.", "recon/mel_distance", "{:.2f}"),
+    ("V/UV F1", "recon/vuv_f1", "{:.3f}"), ("SI-SDR", "recon/si_sdr", "{:.1f}"),
+]
+
+
 def fmt(v: Any, spec: str = "{:.4g}") -> str:
     return "–" if v is None else spec.format(v)
+
+
+def audio_tags(rows: list[dict]) -> list[str]:
+    """Tags of the log-mel classifier metrics (gen/fd_<tag>) of audio rows."""
+    return sorted({k.split("fd_", 1)[1] for r in rows for k in r["metrics"] if k.startswith("gen/fd_")})
 
 
 def extractor_tags(rows: list[dict]) -> list[str]:
@@ -160,7 +199,12 @@ def extractor_tags(rows: list[dict]) -> list[str]:
 def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
     out = Path(cfg.out)
     tags = extractor_tags(rows)
-    headline = list(COLUMNS)
+    audio = any("recon/pesq_count" in r["metrics"] for r in rows)
+    headline = [c for c in COLUMNS if not (audio and c[1] in ("recon/psnr", "recon/ssim"))]
+    headline += AUDIO_COLUMNS if audio else []
+    for t in audio_tags(rows):
+        headline += [(f"class acc. {t}", f"gen/class_accuracy_{t}", "{:.1%}"), (f"FD {t}", f"gen/fd_{t}", "{:.3g}"),
+                     (f"IS {t}", f"gen/is_{t}", "{:.2f}")]
     for t in tags:
         headline += [(f"rFID {t}", f"recon/fid_{t}", "{:.3g}"), (f"gFID {t}", f"gen/fid_{t}", "{:.3g}"),
                      (f"gKID {t}", f"gen/kid_{t}", "{:.3g}"), (f"precision {t}", f"gen/precision_{t}", "{:.2f}"),
@@ -180,7 +224,7 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         m = r["metrics"]
-        cells = [r["preset"] + (" (given)" if r.get("tokenizer") else ""), f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
+        cells = [r["preset"] + (" (given)" if r.get("tokenizer") else ""), "–" if r["K"] is None else f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
         cells.append(f"{sum(r['seconds'].values()):.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
     given = [r for r in rows if r.get("tokenizer")]
@@ -195,7 +239,8 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
     lines += ["## Reconstructions (val: originals above, reconstructions below) and samples (one row per class)", "",
               "| preset | reconstructions | samples |", "|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['preset']} | ![]({r['grids']['recon']}) | ![]({r['grids']['samples']}) |")
+        if r["grids"]:
+            lines.append(f"| {r['preset']} | ![]({r['grids']['recon']}) | ![]({r['grids']['samples']}) |")
     keys = sorted({k for r in rows for k in r["metrics"]})
     lines += ["", "## All metrics", "", "| metric | " + " | ".join(r["preset"] for r in rows) + " |",
               "|---|" + "---|" * len(rows)]
@@ -216,7 +261,7 @@ def plot_against_k(rows: list[dict], out: Path) -> Path | None:
     panels += [(k, k) for k in sorted({k for r in rows for k in r["metrics"]}) if k.split("/")[-1].startswith("fid_")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        for q in sorted({r["quantizer"] for r in rows}):
+        for q in sorted({r["quantizer"] for r in rows if r["K"] is not None}):
             pts = sorted((r["K"], r["metrics"][key]) for r in rows if r["quantizer"] == q and key in r["metrics"])
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=q)
@@ -234,6 +279,8 @@ def plot_against_k(rows: list[dict], out: Path) -> Path | None:
 def main(cfg: CompareConfig) -> Path:
     for p in cfg.presets:  # a typo in a preset or a [stage] table fails before hours of training, not after
         parse_preset(p)
+    for c in cfg.codecs:
+        codec_baseline.parse_codec(c)
     for name, path in cfg.tokenizers.items():
         if name in cfg.presets or "/" in name:
             raise ConfigError(f"--tokenizers: row name {name!r} is also a preset or holds '/'; pick another name")
@@ -242,6 +289,7 @@ def main(cfg: CompareConfig) -> Path:
         paths = {f.name: "<per preset>" for f in dataclasses.fields(cls) if f.metadata.get("required")}
         stage_config(cfg, stage, **paths)
     rows = [run_preset(cfg, p) for p in (*cfg.presets, *cfg.tokenizers)]
+    rows += [run_codec(cfg, c) for c in cfg.codecs]
     report = write_report(cfg, rows)
     print(f"[compare] report: {report}")
     return report
