@@ -268,3 +268,29 @@ def test_simvq_eval_codebook_cache_follows_weight_updates():
         assert q.codebook is a  # cached while W is unchanged
         q.proj.weight.add_(1.0)
         assert not torch.allclose(q.codebook, a)
+
+
+def test_simvq_data_init_fits_the_codebook_to_the_latents_for_n_batches():
+    """Latents that are one offset plus tiny variation (as SEANet's at init) all fall on one code of a fresh SimVQ;
+    with data_init the effective codebook takes their per-dim mean and spread, for the first N training batches only,
+    counted in a saved buffer; eval calls never refit."""
+    torch.manual_seed(0)
+    z = torch.randn(8, 16, 50) * 1e-3 + 0.5
+    plain = build_quantizer("simvq", dim=16, num_codes=256).train()
+    assert plain(z).codes.unique().numel() == 1
+    q = build_quantizer("simvq", dim=16, num_codes=256, data_init=2).train()
+    assert q(z).codes.unique().numel() > 50
+    cb = q.codebook.detach()
+    assert torch.allclose(cb.mean(0), z.mean(dim=(0, 2)), atol=1e-5)
+    assert torch.allclose(cb.std(0), z.transpose(0, 1).flatten(1).std(1), rtol=0.05)
+    q.eval()
+    q(z * 3)  # eval: no refit
+    assert int(q.data_init_done) == 1 and torch.equal(q.codebook, cb)
+    q.train()
+    q(z + 1)
+    q(z + 2)  # the third training batch is past N = 2: W and b stay where the second put them
+    assert int(q.data_init_done) == 2 and torch.allclose(q.codebook.mean(0), (z + 1).mean(dim=(0, 2)), atol=1e-5)
+    restored = build_quantizer("simvq", dim=16, num_codes=256, data_init=2)
+    restored.load_state_dict(q.state_dict())  # the count travels with the weights: a resumed run does not refit
+    assert int(restored.data_init_done) == 2
+    assert "data_init_done" not in plain.state_dict()  # off: the state dict is the paper's (official conversions)

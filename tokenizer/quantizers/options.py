@@ -17,6 +17,7 @@ class SimVQOptions:
     bias: bool = True  # W(C) = C W^T + b; the paper keeps the bias (lucidrains' port drops it)
     rotation_trick: bool = False  # Fifty et al. 2024 gradient instead of straight-through
     codebook_dim: int = 0  # dimension of the frozen C before W maps it to D; 0 = D
+    data_init: int = 0  # not in the paper: fit W(C)'s per-dim mean/std to the latents of the first N training batches
 
 
 @dataclass
