@@ -176,6 +176,19 @@ COLUMNS = [  # (header, metric key, format) of the headline table; every metric 
 ]
 
 
+IMAGE_INTRO = ("FIDs name their feature extractor (`digits`: a classifier trained on the dataset's labelled train "
+               "split; `inception`: torch-fidelity's Inception). rFID compares the val images with their "
+               "reconstructions, gFID/gKID/precision/recall the generated samples with the train split; "
+               "`<gen|recon>/n_<tag>` and `n_reference_<tag>` in the full table say how many images each side had. "
+               "Utilisation is the share of the K codes used at least once in `tokens` tokens (train: every train "
+               "image encoded once; val: the val split): with fewer tokens than K it cannot reach 100%.")
+AUDIO_INTRO = ("Reconstruction (kbps … SI-SDR) is measured on whole val clips of `{tokenizer_data}`, the same clips "
+               "for every row, codec rows included; PESQ-wb, STOI, ViSQOL and V/UV F1 leave out (and count, in "
+               "`recon/<metric>_failures`) the clips they cannot score. The generated 1-s digits are judged by a "
+               "log-mel classifier trained on the train split of the data above: class accuracy, Fréchet distance "
+               "(FD) on its features and an Inception-style score (IS). kbps = tokens/s x log2 K. Utilisation is "
+               "the share of the K codes used at least once over `tokens` tokens.")
+
 AUDIO_COLUMNS = [  # the audio rows' reconstruction headline (whole val clips), after the utilisation columns
     ("kbps", "recon/bitrate_kbps", "{:.2f}"), ("PESQ", "recon/pesq", "{:.2f}"), ("STOI", "recon/stoi", "{:.3f}"),
     ("ViSQOL", "recon/visqol", "{:.2f}"), ("mel dist.", "recon/mel_distance", "{:.2f}"),
@@ -213,14 +226,10 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
                  if any(f"gen/class_accuracy_{t}" in r["metrics"] for r in rows)]
     headline += [("prior val loss", "prior/val/loss", "{:.3f}")]
     headers = ["preset", "K"] + [h for h, _, _ in headline] + ["wall time"]
+    intro = AUDIO_INTRO.format(tokenizer_data=cfg.tokenizer_data or cfg.data) if audio else IMAGE_INTRO
     lines = [f"# {cfg.title}", "",
              f"Data: `{cfg.data}`. Every number below was computed by `python -m pipelines.compare` in this run. "
-             "FIDs name their feature extractor (`digits`: a classifier trained on the dataset's labelled train "
-             "split; `inception`: torch-fidelity's Inception). rFID compares the val images with their "
-             "reconstructions, gFID/gKID/precision/recall the generated samples with the train split; "
-             "`<gen|recon>/n_<tag>` and `n_reference_<tag>` in the full table say how many images each side had. "
-             "Utilisation is the share of the K codes used at least once in `tokens` tokens (train: every train "
-             "image encoded once; val: the val split): with fewer tokens than K it cannot reach 100%.", "",
+             + intro, "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         m = r["metrics"]

