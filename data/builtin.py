@@ -122,6 +122,11 @@ def _wav_reader(result: object, sample_rate: int) -> Callable[[], bytes]:
     return lambda: data
 
 
+def _render(plan: list[tuple], render, workers: int) -> list:
+    """render(utterance) for the last element of every plan entry, on `workers` threads (0 = one per core)."""
+    return speech.render_all(render, [u for *_, u in plan], workers or os.cpu_count() or 1)
+
+
 def spoken_digits(sample_rate: int = 16_000, takes: int = 1, voices: int = 0, seed: int = 0,
                   workers: int = 0) -> Source:
     """Every voice (or `voices` of them, 0 = all) says each digit `takes` times: 148 x 10 x 1 = 1,480 clips of 1 s
@@ -131,8 +136,7 @@ def spoken_digits(sample_rate: int = 16_000, takes: int = 1, voices: int = 0, se
     `workers` threads (0 = one per core) do not change the bytes."""
     chosen = speech.pick_voices(voices, seed)
     plan = speech.digit_plan(chosen, takes, seed)
-    results = speech.render_all(lambda u: speech.render_words(u, sample_rate), [u for *_, u in plan],
-                                workers or os.cpu_count() or 1)
+    results = _render(plan, lambda u: speech.render_words(u, sample_rate), workers)
     items = []
     for (voice, take, utt), result in zip(plan, results):
         for digit, word in enumerate(speech.DIGIT_WORDS):  # the label is the index of the word said
@@ -151,8 +155,7 @@ def spoken_digit_strings(sample_rate: int = 16_000, per_voice: int = 3, voices: 
     The key ends in the digits said."""
     chosen = speech.pick_voices(voices, seed)
     plan = speech.string_plan(chosen, per_voice, seed)
-    results = speech.render_all(lambda u: speech.render_string(u, sample_rate), [u for *_, u in plan],
-                                workers or os.cpu_count() or 1)
+    results = _render(plan, lambda u: speech.render_string(u, sample_rate), workers)
     items = []
     for (voice, index, planned), result in zip(plan, results):
         wav, said = result if not isinstance(result, MediaError) else (result, planned)

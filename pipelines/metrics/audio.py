@@ -42,6 +42,14 @@ def _check_pair(name: str, x: torch.Tensor, x_hat: torch.Tensor, min_samples: in
                         f"({min_samples} samples); evaluate longer clips")
 
 
+def fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(..., T) -> (..., length): the centre `length` samples, or zero-padded equally on both sides."""
+    t = x.shape[-1]
+    if t >= length:
+        return x[..., (t - length) // 2:(t - length) // 2 + length]
+    return torch.nn.functional.pad(x, ((length - t) // 2, length - t - (length - t) // 2))
+
+
 def snr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """(B,) signal-to-noise ratio in dB of each clip: 10 log10(sum x^2 / sum (x - x_hat)^2), in float64 sums."""
     _check_pair("snr", x, x_hat)

@@ -31,7 +31,7 @@ import torch
 from data.audio import read_audio
 from data.errors import UserError
 from data.shards import iter_shard_samples, list_shards, read_manifest
-from pipelines.metrics.audio import mel_distance, si_sdr, snr, stft_distance
+from pipelines.metrics.audio import fit_length, mel_distance, si_sdr, snr, stft_distance
 from pipelines.metrics.fid import FidelityConfig, metrics_from_features
 from pipelines.metrics.speech import DEFAULT_METRICS, SpeechScores, speech_metrics
 from tokenizer.quantizers import CodebookUsage
@@ -176,17 +176,3 @@ def generated_audio_metrics(samples: torch.Tensor, labels: torch.Tensor, referen
     metrics[f"gen/n_{tag}"], metrics[f"gen/n_reference_{tag}"] = float(len(samples)), float(len(reference))
     notes = [f"gen/{n}" for n in result.notes]
     return metrics, notes
-
-
-def to_int16(clips: list[torch.Tensor] | torch.Tensor, length: int) -> torch.Tensor:
-    """Clips in [-1, 1] (1, T) -> int16 (N, 1, length), centre-cropped or zero-padded: what the classifier reads."""
-    from data.audio import to_int16 as pcm
-    out = []
-    for x in clips:
-        t = x.shape[-1]
-        x = x[..., (t - length) // 2:(t - length) // 2 + length] if t > length else torch.nn.functional.pad(
-            x, ((length - t) // 2, length - t - (length - t) // 2))
-        out.append(pcm(x))
-    return torch.stack(out) if out else torch.zeros(0, 1, length, dtype=torch.int16)
-
-

@@ -30,6 +30,7 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 
 from pipelines.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 from pipelines.config import from_dict, to_dict
+from pipelines.metrics.audio import fit_length
 from pipelines.metrics.fid import Extractor, registered_extractor
 
 CHECKPOINT_KIND = "domain-classifier"
@@ -52,6 +53,15 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     holdout_fraction: float = 0.2  # share of the labelled images kept out of training to measure accuracy
     seed: int = 0                 # split, init and batch order
+
+
+def as_float(x: torch.Tensor, integers: torch.dtype, what: str) -> torch.Tensor:
+    """The integers a file stores (uint8 pixels 0..255 | int16 samples) or floats -> float in [-1, 1]."""
+    if x.dtype == integers:
+        return x.float() / 127.5 - 1 if integers == torch.uint8 else x.float() / 32768
+    if x.is_floating_point():
+        return x.float()
+    raise ValueError(f"extractors: expected {integers} or float [-1, 1] {what}, got {x.dtype}")
 
 
 class DomainClassifier(nn.Module):
@@ -84,12 +94,7 @@ class DomainClassifier(nn.Module):
         (B, 1, T) -> (B, 1, n_mels, frames) log-mel of the centre `clip_samples`."""
         if self.cfg.modality == "audio":
             return self.prepare_audio(images)
-        if images.dtype == torch.uint8:
-            x = images.float() / 127.5 - 1
-        elif images.is_floating_point():
-            x = images.float()
-        else:
-            raise ValueError(f"extractors: expected uint8 or float [-1, 1] images, got {images.dtype}")
+        x = as_float(images, torch.uint8, "images")
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"extractors: expected (B, 3, H, W) images, got {tuple(x.shape)}")
         s = self.cfg.image_size
@@ -100,16 +105,10 @@ class DomainClassifier(nn.Module):
     def prepare_audio(self, clips: torch.Tensor) -> torch.Tensor:
         if clips.dim() == 4:  # already a log-mel picture (prepared once before training)
             return clips
-        if clips.dtype == torch.int16:
-            x = clips.float() / 32768
-        elif clips.is_floating_point():
-            x = clips.float()
-        else:
-            raise ValueError(f"extractors: expected int16 or float [-1, 1] clips, got {clips.dtype}")
+        x = as_float(clips, torch.int16, "clips")
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"extractors: expected (B, 1, T) clips, got {tuple(x.shape)}")
-        n, t = self.cfg.clip_samples, x.shape[-1]
-        x = x[..., (t - n) // 2:(t - n) // 2 + n] if t > n else F.pad(x, ((n - t) // 2, n - t - (n - t) // 2))
+        x = fit_length(x, self.cfg.clip_samples)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return torch.log(self.mel.to(x.device)(x) + 1e-5)  # (B, 1, n_mels, frames)
 
