@@ -50,7 +50,9 @@ class DemoConfig:
     seed: int = 0  # tokenizer, prior and sampling seed; other seeds measure the run-to-run spread
     audio: bool = True  # also run the audio pipeline on spoken digits (needs espeak-ng: scripts/demo installs it)
     audio_presets: tuple[str, ...] = ("simvq-4096",)  # audio tokenizers, <quantizer>-<K> each
-    audio_tokenizer_steps: int = 150  # mel + commitment steps at batch 4 x 1 s (a short run: see docs/BENCHMARKS.md)
+    audio_tokenizer_steps: int = 100  # mel + commitment steps at batch 4 x 1 s (a short run: see docs/BENCHMARKS.md)
+    audio_prior_steps: int = 100  # the audio prior's steps (50 tokens, K = 4,096: ~1.4 steps/s here)
+    audio_samples_per_class: int = 5  # generated 1-s clips per digit
     audio_codecs: tuple[str, ...] = ("opus-6", "codec2-1200")  # classical codec rows (skipped without their tools)
 
 
@@ -80,10 +82,10 @@ def stage_overrides(cfg: DemoConfig) -> dict:
 
 def audio_overrides(cfg: DemoConfig, cache_dir: str) -> dict:
     """The audio comparison's stage settings: the CPU recipe's tokenizer, shortened; a tiny prior on 50 tokens."""
-    tok_steps, prior_steps, per_class = cfg.audio_tokenizer_steps, cfg.prior_steps, cfg.samples_per_class // 5
+    tok_steps, prior_steps, per_class = cfg.audio_tokenizer_steps, cfg.audio_prior_steps, cfg.audio_samples_per_class
     if cfg.quick:
         tok_steps, prior_steps, per_class = 4, 30, 2
-    speech = {"crepe_model": "tiny", "max_clips": 8}  # CREPE full is ~10 s a clip here; 8 whole val strings
+    speech = {"crepe_model": "tiny", "max_clips": 6}  # CREPE full is ~10 s a clip here; 6 whole val strings
     return {
         "tokenizer": {
             "disc_start": tok_steps,  # mel + commitment only
