@@ -16,6 +16,20 @@ def write_tones(folder, per_class: int, rate: int, seconds: float = 0.6) -> None
             soundfile.write(folder / label / f"{i}.wav", tone, rate)
 
 
+def tone_shards(root, per_class: int, rate: int, clip_seconds: float, val_fraction: float = 0.25):
+    """Audio media shards (`root`/shards) of `write_tones`' two classes, read in `clip_seconds` crops."""
+    from data.builtin import open_source
+    from data.media import MediaSpec
+    from data.shards import write_media_shards
+
+    write_tones(root / "wavs", per_class=per_class, rate=rate)
+    shards = root / "shards"
+    write_media_shards(open_source(str(root / "wavs"), "audio", 0, 0, 0, "auto"), shards,
+                       MediaSpec(modality="audio", sample_rate=rate, clip_seconds=clip_seconds),
+                       val_fraction=val_fraction, log=lambda *a: None)
+    return shards
+
+
 # Three short digit strings in three espeak-ng voices: 2-3 s each, long enough for PESQ, STOI and ViSQOL.
 SPEECH_TEXTS = (("en", "three seven one nine four"), ("en-us+f3", "eight two five six zero"),
                 ("en+m3", "four four one seven two"))

@@ -10,10 +10,8 @@ import torch
 from PIL import Image
 
 from data.audio import to_int16
-from data.builtin import open_source
 from data.files import sha256_file
-from data.media import MediaSpec
-from data.shards import read_manifest, shard_name, write_media_shards
+from data.shards import read_manifest, shard_name
 from data.tokens import TokenManifest, TokenSample, media_timing, write_token_shard
 from pipelines import evaluate, reconstruct, sample, train_prior
 from pipelines.checkpoint import load_tokenizer, save_checkpoint
@@ -22,7 +20,7 @@ from pipelines.metrics.audio_eval import AudioEvalConfig
 from pipelines.metrics.grids import MIN_WIDTH, PAD, SPEC_HEIGHT, SPEC_WIDTH, upscale_factor
 from prior import SampleSettings
 from tokenizer import TokenizerConfig, build_tokenizer
-from helpers import write_tones
+from helpers import tone_shards
 
 QUICK = AudioEvalConfig(speech_metrics=())  # PESQ/STOI/ViSQOL/CREPE: tests/test_audio_eval.py; here the stages
 RATE, CLIP = 8_000, 0.512  # 4,096 samples: the audio-s downsampling factor 64 -> 64 tokens
@@ -34,11 +32,7 @@ def audio_run(tmp_path_factory):
     """(media shards of two tones, an untrained 1-D tokenizer whose train_config names them, a prior trained for
     3 steps on token shards recorded as that tokenizer's)."""
     root = tmp_path_factory.mktemp("audio")
-    write_tones(root / "wavs", per_class=6, rate=RATE)
-    shards = root / "shards"
-    write_media_shards(open_source(str(root / "wavs"), "audio", 0, 0, 0, "auto"), shards,
-                       MediaSpec(modality="audio", sample_rate=RATE, clip_seconds=CLIP), val_fraction=0.25,
-                       log=lambda *a: None)
+    shards = tone_shards(root, per_class=6, rate=RATE, clip_seconds=CLIP)
 
     torch.manual_seed(0)
     tok_cfg = TokenizerConfig(size="audio-s", dims=1, in_channels=1, num_codes=K)

@@ -220,14 +220,10 @@ def test_two_processes_resume_to_the_same_bytes(setup, tmp_path):
 def test_audio_tokens_record_rate_and_hop_and_train_a_prior(tmp_path):
     """Audio through the same encode: codes (T / hop,) per clip, and the manifest says what a token lasts (sample rate,
     hop, tokens per second); train_prior takes the token shards unchanged."""
-    from helpers import write_tones
+    from helpers import tone_shards
     from pipelines import train_prior
     rate, clip = 8_000, 0.512  # 4,096 samples; audio-s has hop 64 -> 64 tokens
-    write_tones(tmp_path / "wavs", per_class=4, rate=rate)
-    media = tmp_path / "media"
-    write_media_shards(open_source(str(tmp_path / "wavs"), "audio", 0, 0, 0, "auto"), media,
-                       MediaSpec(modality="audio", sample_rate=rate, clip_seconds=clip), val_fraction=0.25,
-                       log=lambda *a: None)
+    media = tone_shards(tmp_path, per_class=4, rate=rate, clip_seconds=clip)
     torch.manual_seed(0)
     tok_cfg = TokenizerConfig(size="audio-s", dims=1, in_channels=1, num_codes=64)
     save_checkpoint(tmp_path / "tok", config={"kind": "tokenizer", "config": to_dict(tok_cfg)},
