@@ -117,37 +117,34 @@ def run_stage(stage: str, stage_dir: Path, stage_cfg: Any) -> tuple[Any, float]:
 def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
     given = cfg.tokenizers.get(preset)
     root = Path(cfg.out) / preset
-    tok_dir, tokens_dir, prior_dir = root / "tokenizer", root / "tokens", root / "prior"
-    samples_dir, eval_dir = root / "samples", root / "eval"
-    tok_data = cfg.tokenizer_data or cfg.data
-    stages = {  # stage -> (its directory, the settings compare decides)
-        "tokenizer": (tok_dir, dict(data=tok_data, out=str(tok_dir))),
-        "encode": (tokens_dir, dict(data=cfg.data, tokenizer=str(tok_dir), out=str(tokens_dir))),
-        "prior": (prior_dir, dict(tokens=str(tokens_dir), out=str(prior_dir))),
-        "sample": (samples_dir, dict(prior=str(prior_dir), tokenizer=str(tok_dir), out=str(samples_dir))),
-        "evaluate": (eval_dir, dict(data=cfg.data, tokenizer=str(tok_dir), samples=str(samples_dir),
-                                    out=str(eval_dir))),
-    }
-    if cfg.tokenizer_data:  # reconstruction on the tokenizer's own data; evaluate judges the samples only
-        stages["evaluate"][1]["tokenizer"] = ""
-        stages["reconstruct"] = (root / "recon", dict(data=tok_data, tokenizer=str(tok_dir), out=str(root / "recon")))
-    if given:
+    if given:  # an existing tokenizer: its row skips tokenizer training
         tok_dir = resolve_checkpoint(given, hint="convert one with `python -m pipelines.import_official`")
         tok = load_config(tok_dir)["config"]
         quantizer, k = tok["quantizer"], tok["num_codes"]
-        del stages["tokenizer"]
-        for _, fixed in stages.values():
-            if "tokenizer" in fixed:
-                fixed["tokenizer"] = str(tok_dir)
     else:
+        tok_dir = root / "tokenizer"
         quantizer, k = parse_preset(preset)
-        stages["tokenizer"][1]["model"] = {"quantizer": quantizer, "num_codes": k}
+    tokens_dir, prior_dir, samples_dir, eval_dir = root / "tokens", root / "prior", root / "samples", root / "eval"
+    tok_data = cfg.tokenizer_data or cfg.data
+    stages = {  # stage -> (its directory, the settings compare decides)
+        "tokenizer": (tok_dir, dict(data=tok_data, out=str(tok_dir), model={"quantizer": quantizer, "num_codes": k})),
+        "encode": (tokens_dir, dict(data=cfg.data, tokenizer=str(tok_dir), out=str(tokens_dir))),
+        "prior": (prior_dir, dict(tokens=str(tokens_dir), out=str(prior_dir))),
+        "sample": (samples_dir, dict(prior=str(prior_dir), tokenizer=str(tok_dir), out=str(samples_dir))),
+        # with tokenizer_data, reconstruction runs there (below) and evaluate judges the samples only
+        "evaluate": (eval_dir, dict(data=cfg.data, tokenizer="" if cfg.tokenizer_data else str(tok_dir),
+                                    samples=str(samples_dir), out=str(eval_dir))),
+    }
+    if given:
+        del stages["tokenizer"]
+    if cfg.tokenizer_data:
+        stages["reconstruct"] = (root / "recon", dict(data=tok_data, tokenizer=str(tok_dir), out=str(root / "recon")))
     row: dict[str, Any] = {"preset": preset, "quantizer": quantizer, "K": k, "seconds": {},
                            "tokenizer": str(tok_dir) if given else None}
     results = {}
     for stage, (directory, fixed) in stages.items():
         results[stage], row["seconds"][stage] = run_stage(stage, directory, stage_config(cfg, stage, **fixed))
-    recon = {k.replace("val/", "recon/", 1): v for k, v in results.get("reconstruct", {}).items()}
+    recon = {key.replace("val/", "recon/", 1): v for key, v in results.get("reconstruct", {}).items()}
     row["metrics"] = {**recon, **results["evaluate"], **{f"prior/{k2}": v for k2, v in (results["prior"] or {}).items()
                                                          if k2.startswith("val/")}}
     recon_dir = root / "recon" if cfg.tokenizer_data else eval_dir
@@ -233,7 +230,8 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         m = r["metrics"]
-        cells = [r["preset"] + (" (given)" if r.get("tokenizer") else ""), "–" if r["K"] is None else f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
+        name = r["preset"] + (" (given)" if r.get("tokenizer") else "")
+        cells = [name, "–" if r["K"] is None else f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
         cells.append(f"{sum(r['seconds'].values()):.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
     given = [r for r in rows if r.get("tokenizer")]
