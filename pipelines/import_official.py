@@ -40,7 +40,7 @@ class ImportOfficialConfig:
 
 
 def convert_checkpoint(path: str | Path, raw: bool = False, inert: bool = False):
-    """(TokenizerConfig, project state dict, format name) of an official checkpoint file."""
+    """(TokenizerConfig, the project model holding the converted weights, format name) of an official checkpoint."""
     where = f"--ckpt={path}"
     state = read_state_dict(path, inert=inert)
     name = detect_format(state, where)
@@ -52,17 +52,17 @@ def convert_checkpoint(path: str | Path, raw: bool = False, inert: bool = False)
         raise OfficialFormatError(f"{where}: an official {name} tokenizer lacks {e.args[0]!r}; the file is "
                                   f"incomplete or of another layout") from None
     converted = fmt.convert(weights, cfg)
-    check_against(converted, build_tokenizer(cfg).state_dict(), where)
-    return cfg, converted, name
+    model = build_tokenizer(cfg)
+    check_against(converted, model.state_dict(), where)
+    model.load_state_dict(converted)  # strict; the same dict was checked key by key above
+    return cfg, model, name
 
 
 def main(cfg: ImportOfficialConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"--out={out} exists; pass --overwrite=true to replace it, or another --out")
-    tok_cfg, weights, name = convert_checkpoint(cfg.ckpt, raw=cfg.raw, inert=cfg.inert)
-    model = build_tokenizer(tok_cfg)
-    model.load_state_dict(weights)  # strict; the same dict was checked key by key above
+    tok_cfg, model, name = convert_checkpoint(cfg.ckpt, raw=cfg.raw, inert=cfg.inert)
     source = {"repo": OFFICIAL_REPO, "format": name, "path": str(Path(cfg.ckpt).resolve()),
               "sha256": sha256_file(cfg.ckpt), "weights": "raw" if cfg.raw else "ema"}
     meta = {"kind": "tokenizer", "config": to_dict(tok_cfg), "source": source, "train_config": {}}

@@ -149,19 +149,6 @@ def generator_weights(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ..
     return out
 
 
-def rename(state: Mapping[str, torch.Tensor], rules: list[tuple[str, str | Callable]]) -> dict[str, torch.Tensor]:
-    """Apply the first matching (regex, replacement) rule to each key; a key no rule matches keeps its name."""
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                key = new
-                break
-        out[key] = value
-    return out
-
-
 def check_against(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
     """Same keys and shapes as the project model's state dict, or an error listing the differences."""
     missing = sorted(set(expected) - set(converted))
