@@ -48,8 +48,8 @@ from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
 from pipelines.metrics import inception_weights as weights
 from pipelines.metrics.audio_eval import AudioEvalConfig, audio_reconstruction, generated_audio_metrics
-from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, load_classifier, save_classifier,
-                                          train_domain_classifier)
+from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor, classifier_outputs, load_classifier,
+                                          save_classifier, train_domain_classifier)
 from pipelines.metrics.fid import (FIDELITY_MODALITIES, Extractor, FidelityConfig, compute_fidelity,
                                    inception_extractor)
 from pipelines.metrics.inputs import keep_labels, load_samples, load_split
@@ -255,8 +255,7 @@ def generated_images(cfg: EvaluateConfig, images: torch.Tensor, labels: torch.Te
         record["notes"] += r["notes"]
     if "classifier" in record and (labels >= 0).all():
         clf, _ = load_classifier(record["classifier"]["path"])
-        with torch.no_grad():
-            pred = torch.cat([clf(clf.prepare(b)).argmax(1) for b in images.split(256)])
+        pred = classifier_outputs(clf, images)[1].argmax(1)
         metrics[f"gen/class_accuracy_{cfg.domain_name}"] = float((pred == labels).float().mean())
     return metrics, len(reference)
 

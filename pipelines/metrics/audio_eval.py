@@ -30,9 +30,12 @@ import torch
 
 from data.audio import read_audio
 from data.errors import UserError
+from data.reader import media_loader
 from data.shards import iter_shard_samples, list_shards, read_manifest
-from pipelines.metrics.audio import fit_length, mel_distance, si_sdr, snr, stft_distance
+from pipelines.metrics.audio import mel_distance, si_sdr, snr, stft_distance
 from pipelines.metrics.fid import FidelityConfig, metrics_from_features
+from pipelines.metrics.grids import recon_grid, write_png
+from pipelines.metrics.reconstruction import codebook_usage, usage_metrics, usage_note
 from pipelines.metrics.speech import DEFAULT_METRICS, SpeechScores, speech_metrics
 from tokenizer.quantizers import CodebookUsage
 
@@ -127,12 +130,9 @@ def reconstruct_and_score(model, clips: list[Clip], rate: int, cfg: AudioEvalCon
         x_hat, codes = reconstruct_clip(model, clip.x, device)
         usage.update(codes)
         recons.append(x_hat)
-    metrics = score_clips([c.x for c in clips], recons, rate, cfg, device)
-    k = model.quantizer.num_codes
-    metrics.update({"utilisation": usage.utilisation, "perplexity": usage.perplexity, "tokens": float(usage.total),
-                    "num_codes": float(k), "max_utilisation": min(1.0, usage.total / k),
-                    "tokens_per_second": rate / model.downsample_factor,
-                    "bitrate_kbps": rate / model.downsample_factor * math.log2(k) / 1000})
+    metrics = {**score_clips([c.x for c in clips], recons, rate, cfg, device), **usage_metrics(usage, ""),
+               "tokens_per_second": rate / model.downsample_factor,
+               "bitrate_kbps": rate / model.downsample_factor * math.log2(usage.num_codes) / 1000}
     return {f"recon/{name}": v for name, v in metrics.items()}, recons
 
 
@@ -140,9 +140,6 @@ def audio_reconstruction(model, data: str | Path, out: Path, cfg: AudioEvalConfi
                          device, split: str = "val") -> tuple[dict[str, float], list[str]]:
     """What `evaluate` and `reconstruct` report for an audio tokenizer: recon/* over the whole clips of `split`,
     usage/* over `usage_split` (the read crops, encoder only), notes, and `out`/recon.png."""
-    from data.reader import media_loader
-    from pipelines.metrics.grids import recon_grid, write_png
-    from pipelines.metrics.reconstruction import codebook_usage, usage_note
     clips = full_clips(data, split, cfg.max_clips, cfg.seed)
     metrics, recons = reconstruct_and_score(model, clips, read_manifest(data).spec.sample_rate, cfg, device)
     if usage_split:

@@ -11,7 +11,8 @@ wide, the role pool3 plays in Inception) gives the features for fid_<tag>/kid_<t
 
 Audio (spoken digits) has no Inception: the same classifier runs on a log-mel spectrogram (`modality="audio"`), the
 SC09 practice of WaveGAN/DiffWave; its logits give an Inception-style score and its features a Fréchet distance
-(reported as `fd_<tag>`, never "FID"). Audio goes through `audio_features` directly (torch-fidelity takes images).
+(reported as `fd_<tag>`, never "FID"). Audio goes through `classifier_outputs` directly (torch-fidelity takes
+images; pipelines/metrics/audio_eval.py).
 
 The checkpoint records the held-out accuracy: an extractor that cannot tell the classes apart gives meaningless
 distances, so look at it before trusting a number. The torch-fidelity class loads the checkpoint directory given as
@@ -110,7 +111,7 @@ class DomainClassifier(nn.Module):
             raise ValueError(f"extractors: expected (B, 1, T) clips, got {tuple(x.shape)}")
         x = fit_length(x, self.cfg.clip_samples)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.log(self.mel.to(x.device)(x) + 1e-5)  # (B, 1, n_mels, frames)
+            return torch.log(self.mel(x) + 1e-5)  # (B, 1, n_mels, frames)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(self.prepare(images)).mean(dim=(2, 3))  # (B, feature_dim)
