@@ -28,11 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.builtin import open_source
+from data.files import write_text_atomic
 from data.media import MediaSpec
 from data.shards import MANIFEST, write_media_shards
 from pipelines import compare
 from pipelines.cli import run
+from pipelines.codec_baseline import parse_codec
 from pipelines.config import merge_config
+from pipelines.metrics.codecs import missing_tools
 from pipelines.train_tokenizer import TrainTokenizerConfig
 
 AUDIO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_audio_cpu.toml"
@@ -115,8 +118,7 @@ def run_audio(cfg: DemoConfig, out: Path) -> Path | None:
     for source in ("spoken-digits", "spoken-digit-strings"):
         if not (root / source / MANIFEST).is_file():
             make_shards.main(make_shards.MakeShardsConfig(source=source, out=str(root / source), seed=cfg.seed))
-    codecs = tuple(c for c in cfg.audio_codecs if shutil.which({"opus": "opusenc", "codec2": "c2enc"}
-                                                                  [c.rpartition("-")[0]]) is not None)
+    codecs = tuple(c for c in cfg.audio_codecs if not missing_tools(parse_codec(c)[0]))
     if codecs != tuple(cfg.audio_codecs):
         print(f"[demo] codec rows {sorted(set(cfg.audio_codecs) - set(codecs))} skipped: their tools are missing "
               f"(`sudo apt-get install -y opus-tools codec2`)")
@@ -134,7 +136,7 @@ def merge_reports(image: Path, audio: Path) -> None:
     """Append the audio report to the image one, its links made relative to the image report's folder."""
     text = audio.read_text().replace("](", f"]({audio.parent.relative_to(image.parent)}/")
     text = text.replace("\n# ", "\n## ", 1) if not text.startswith("# ") else "#" + text
-    image.write_text(image.read_text().rstrip() + "\n\n" + text)
+    write_text_atomic(image, image.read_text().rstrip() + "\n\n" + text)
 
 
 def main(cfg: DemoConfig) -> Path:

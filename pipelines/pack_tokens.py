@@ -20,6 +20,7 @@ flat length L for a 2-D tokenizer becomes (sqrt L, sqrt L).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import re
 import shutil
@@ -67,9 +68,10 @@ def _natural(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.stem)]
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, raw: bytes | None = None) -> np.ndarray:
+    """`path` as an array (parsed from `raw` when its bytes were read already); pickled objects are refused."""
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(io.BytesIO(raw) if raw is not None else path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise PackError(f"{path}: not a readable .npy array without pickled objects ({e})") from None
 
@@ -83,10 +85,11 @@ def read_samples(codes: str, labels: str, codes_key: str, labels_key: str
         files = sorted(src.glob("*.npy"), key=_natural)
         if not files:
             raise PackError(f"--codes={src}: no .npy files in the folder")
-        arrays = [(f.stem.replace(".", "_"), _load_npy(f)) for f in files]
-        digest = hashlib.sha256()
-        for f in files:
-            digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
+        arrays, digest = [], hashlib.sha256()
+        for f in files:  # each file read once: hashed for the manifest, then parsed
+            raw = f.read_bytes()
+            digest.update(f"{f.name}:{hashlib.sha256(raw).hexdigest()}\n".encode())
+            arrays.append((f.stem.replace(".", "_"), _load_npy(f, raw)))
         sha = digest.hexdigest()
     elif src.suffix in (".npy", ".npz") and src.is_file():
         if src.suffix == ".npz":

@@ -26,6 +26,7 @@ import torchaudio
 from data.errors import UserError
 
 APT_PACKAGE = {"opusenc": "opus-tools", "opusdec": "opus-tools", "c2enc": "codec2", "c2dec": "codec2"}
+TOOLS = {"opus": ("opusenc", "opusdec"), "codec2": ("c2enc", "c2dec")}  # what each codec's round trip runs
 OPUS_DECODE_RATE = 48000  # Opus always decodes at 48 kHz internally; take that and resample once
 OPUS_KBPS_RANGE = (6.0, 256.0)  # opusenc's accepted --bitrate range per channel
 CODEC2_RATE = 8000
@@ -40,6 +41,11 @@ def require_tool(name: str) -> str:
         raise UserError(f"codec baseline: `{name}` is not installed; run `apt-get update && apt-get install -y "
                         f"{APT_PACKAGE.get(name, name)}`")
     return path
+
+
+def missing_tools(codec: str) -> list[str]:
+    """The command-line tools of `codec` (a key of TOOLS) that are not installed."""
+    return [name for name in TOOLS[codec] if shutil.which(name) is None]
 
 
 def _run(*args: str) -> None:
