@@ -86,3 +86,34 @@ def synthetic_vowels(rate: int, count: int = 2, seconds: float = 2.5):
         x = voice * syllables + fricative
         clips.append(0.5 * x / np.abs(x).max())
     return np.stack(clips).astype(np.float32)
+
+
+OFFICIAL_FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "official_simvq"
+
+
+def official_fixture(kind: str):
+    """(state dict, reference outputs) of the official `kind` ("image" | "audio") model in tests/fixtures."""
+    from safetensors.torch import load_file
+
+    return tuple(load_file(str(OFFICIAL_FIXTURES / f"{kind}_small_{part}.safetensors")) for part in ("state", "io"))
+
+
+def convert_official(kind: str, state, ema: bool = True, net: dict | None = None, edit=None):
+    """(project model in eval mode, its TokenizerConfig) converted from an official state dict: `net` fields replaced
+    after inference, `edit(project_state)` applied before loading (a negative control's tampering)."""
+    import dataclasses
+
+    from tokenizer import build_tokenizer
+    from tokenizer.official import FORMATS, check_against, generator_weights
+
+    fmt = FORMATS[kind]
+    weights = generator_weights(state, fmt.prefixes, ema=ema, frozen=fmt.frozen)
+    cfg = fmt.infer_config(weights)
+    cfg = dataclasses.replace(cfg, net={**cfg.net, **(net or {})})
+    sd = fmt.convert(weights, cfg)
+    if edit is not None:
+        edit(sd)
+    model = build_tokenizer(cfg).eval()
+    check_against(sd, model.state_dict(), f"the {kind} fixture")
+    model.load_state_dict(sd)
+    return model, cfg

@@ -1,6 +1,5 @@
 """The converted official image tokenizer computes what the official code computes (tests/fixtures/official_simvq:
 outputs of the official model on seeded, jittered weights), and the converter refuses what it cannot convert."""
-import dataclasses
 import json
 import pickle
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipelines import import_official, reconstruct
 from pipelines.checkpoint import load_config, load_tokenizer
@@ -17,31 +16,28 @@ from tokenizer import build_tokenizer
 from tokenizer.official import (FORMATS, OfficialFormatError, check_against, detect_format, generator_weights,
                                 read_state_dict)
 from tokenizer.official.image import dcr_to_pixel_shuffle
+from helpers import OFFICIAL_FIXTURES, convert_official, official_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official_simvq"
+FIXTURES = OFFICIAL_FIXTURES
 STATE = FIXTURES / "image_small_state.safetensors"
 IMAGE = FORMATS["image"]
 
 
 @pytest.fixture(scope="module")
 def official():
-    return load_file(str(STATE)), load_file(str(FIXTURES / "image_small_io.safetensors"))
+    return official_fixture("image")
+
+
+def undo_permutation(sd):
+    """The DCR -> PixelShuffle reordering of the upsampler convs, reverted (a negative control)."""
+    phases = 4
+    for k in [k for k in sd if k.endswith((".conv.weight", ".conv.bias")) and k.startswith("decoder.levels")]:
+        sd[k] = sd[k].reshape(sd[k].shape[0] // phases, phases, *sd[k].shape[1:]).transpose(0, 1).reshape(sd[k].shape)
 
 
 def converted_model(state, ema=True, permute=True, norm_groups=None):
-    weights = generator_weights(state, IMAGE.prefixes, ema=ema)
-    cfg = IMAGE.infer_config(weights)
-    if norm_groups is not None:
-        cfg = dataclasses.replace(cfg, net={**cfg.net, "norm_groups": norm_groups})
-    sd = IMAGE.convert(weights, cfg)
-    if not permute:  # undo the DCR -> PixelShuffle reordering of the upsampler convs
-        for k in [k for k in sd if k.endswith((".conv.weight", ".conv.bias")) and k.startswith("decoder.levels")]:
-            phases = 4
-            sd[k] = sd[k].reshape(sd[k].shape[0] // phases, phases, *sd[k].shape[1:]).transpose(0, 1).reshape(
-                sd[k].shape)
-    model = build_tokenizer(cfg).eval()
-    model.load_state_dict(sd)
-    return model
+    net = {} if norm_groups is None else {"norm_groups": norm_groups}
+    return convert_official("image", state, ema, net, edit=None if permute else undo_permutation)[0]
 
 
 def run_official_io(model, x):

@@ -1,40 +1,31 @@
 """The converted official audio tokenizer computes what the official code computes (tests/fixtures/official_simvq:
 outputs of the official SEANet -> SimVQ1D -> Vocos -> iSTFT generator on seeded, jittered small weights), the
 controls that must fail do, and the released layout converts."""
-import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipelines.checkpoint import load_tokenizer
 from tokenizer import build_tokenizer
 from tokenizer.official import FORMATS, OfficialFormatError, check_against, detect_format, generator_weights
+from helpers import OFFICIAL_FIXTURES, convert_official, official_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official_simvq"
+FIXTURES = OFFICIAL_FIXTURES
 STATE = FIXTURES / "audio_small_state.safetensors"
 AUDIO = FORMATS["audio"]
 
 
 @pytest.fixture(scope="module")
 def official():
-    return load_file(str(STATE)), load_file(str(FIXTURES / "audio_small_io.safetensors"))
+    return official_fixture("audio")
 
 
 def converted(state, ema=True, **net):
     """(model in eval mode, its config) from the official weights, `net` fields replaced after inference."""
-    weights = generator_weights(state, AUDIO.prefixes, ema=ema, frozen=AUDIO.frozen)
-    cfg = AUDIO.infer_config(weights)
-    cfg = dataclasses.replace(cfg, net={**cfg.net, **net})
-    sd = AUDIO.convert(weights, cfg)
-    model = build_tokenizer(cfg).eval()
-    check_against(sd, model.state_dict(), "the audio fixture")
-    model.load_state_dict(sd)
-    return model, cfg
+    return convert_official("audio", state, ema, net)
 
 
 def run_io(model, x):
