@@ -192,20 +192,60 @@ class Prior(nn.Module):
 
     def _cached_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """The decoder's forward for `tokens` at positions [cache.length, cache.length + m), reading and
-        writing the cache. It re-walks x-transformers' modules for the one layout `__init__` builds
-        (pre-norm, rotary self-attention, feed-forward); `_check_cached_layout` refuses any other."""
-        layers = self.net.attn_layers
+        writing the cache."""
         B, m = tokens.shape  # batch, new positions
         start, end = cache.length, cache.length + m
         if end > self.cfg.seq_len:
             raise ValueError(f"sequence would grow to {end} > seq_len {self.cfg.seq_len}")
-        heads = PRIOR_SIZES[self.cfg.size].heads
-        rotary, _ = layers.rotary_pos_emb(torch.arange(start, end, device=tokens.device))  # (1, m, dim_head)
         # New position start + i sees keys 0 .. start + i; a single new token sees everything.
         causal = None
         if m > 1:
             causal = torch.arange(end, device=tokens.device)[None, :] <= torch.arange(start, end, device=tokens.device)[:, None]
 
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            keys, values = self._layer_cache(cache, layer, k, v)
+            keys[:, :, start:end], values[:, :, start:end] = k, v
+            keys, values = keys[:, :, :end], values[:, :, :end]
+            return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=causal)
+
+        logits = self._walk(tokens, torch.arange(start, end, device=tokens.device), attend)
+        cache.length = end
+        return logits
+
+    def static_step(self, tokens: Tensor, position: Tensor, cache: KVCache) -> Tensor:
+        """One new id per row, tokens (R, 1), at the position held in `position` ((1,) int64, on the model's device)
+        -> fp32 code logits (R, K). The keys and values are written into `cache` at that position and attention
+        covers all seq_len cached positions, those after `position` masked out. Every shape is fixed and nothing is
+        read back to the host, so the step is a function of static buffers that a CUDA graph can capture and replay
+        (prior.sampling.DecodeStep); run eagerly it computes what `step` does with a growing cache (the masked
+        positions weigh exactly 0; the cache starts zeroed, so they are never NaN). `cache.length` is not used."""
+        visible = (torch.arange(self.cfg.seq_len, device=tokens.device) <= position)[None, None, None, :]
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            keys, values = self._layer_cache(cache, layer, k, v)
+            keys.index_copy_(2, position, k)
+            values.index_copy_(2, position, v)
+            return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible)
+
+        return self._walk(tokens, position, attend)[:, -1]
+
+    def _layer_cache(self, cache: KVCache, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention layer `layer`'s (keys, values), each (B, heads, seq_len, dim_head) in k's dtype, allocated
+        (zeroed) for the whole sequence on first use."""
+        if len(cache.keys) == layer:
+            shape = (k.shape[0], k.shape[1], self.cfg.seq_len, k.shape[-1])
+            cache.keys.append(k.new_zeros(shape))
+            cache.values.append(v.new_zeros(shape))
+        return cache.keys[layer], cache.values[layer]
+
+    def _walk(self, tokens: Tensor, positions: Tensor, attend) -> Tensor:
+        """The decoder's forward for ids `tokens` (B, m) at `positions` (m,), with `attend(layer, q, k, v)` doing
+        the cache's part of each attention layer ((B, heads, m, dim_head) each, keys rotated; returns the attention
+        output in that shape) -> fp32 logits (B, m, K). It re-walks x-transformers' modules for the one layout
+        `__init__` builds (pre-norm, rotary self-attention, feed-forward); `_check_cached_layout` refuses any other."""
+        layers = self.net.attn_layers
+        heads = PRIOR_SIZES[self.cfg.size].heads
+        rotary, _ = layers.rotary_pos_emb(positions)  # (1, m, dim_head)
         x = self.net.token_emb(tokens)  # (B, m, dim); no absolute positions: rotary only
         attn_index = 0
         for (norms, block, residual), kind in zip(layers.layers, layers.layer_types):
@@ -215,18 +255,9 @@ class Prior(nn.Module):
                 continue
             q, k, v = (proj(h).unflatten(-1, (heads, -1)).transpose(1, 2) for proj in (block.to_q, block.to_k, block.to_v))
             q, k = apply_rotary_pos_emb(q, rotary), apply_rotary_pos_emb(k, rotary)  # (B, heads, m, dim_head)
-            if len(cache.keys) == attn_index:  # first call: allocate the whole sequence once
-                shape = (B, heads, self.cfg.seq_len, k.shape[-1])
-                cache.keys.append(k.new_empty(shape))
-                cache.values.append(v.new_empty(shape))
-            cache.keys[attn_index][:, :, start:end] = k
-            cache.values[attn_index][:, :, start:end] = v
-            keys, values = cache.keys[attn_index][:, :, :end], cache.values[attn_index][:, :, :end]
-            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=causal)
-            out = out.transpose(1, 2).flatten(2)  # (B, heads, m, dim_head) -> (B, m, dim)
+            out = attend(attn_index, q, k, v).transpose(1, 2).flatten(2)  # (B, heads, m, dim_head) -> (B, m, dim)
             x = residual(block.to_out(out), x)
             attn_index += 1
-        cache.length = end
         return self.head_fp32(layers.final_norm(x))  # (B, m, K)
 
     def _check_cached_layout(self) -> None:

@@ -15,6 +15,7 @@ amplifies any rounding in cond - uncond by the guidance scale.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,6 +38,9 @@ class SampleSettings:
     cfg_schedule: str = "constant"  # constant | linear (ramp 1 -> cfg_scale over positions) | interval
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # "interval": guide only positions i with start <= i/L < end
     use_cache: bool = True  # incremental decoding with a key/value cache; False recomputes the whole prefix
+    # decode with DecodeStep (static buffers; on a GPU one CUDA graph replayed per token, eagerly on the CPU); needs
+    # use_cache. Same codes as the default loop on the CPU; on a GPU the attention kernel may round differently
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -52,6 +56,8 @@ class SampleSettings:
         start, end = self.cfg_interval
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"cfg_interval must satisfy 0 <= start <= end <= 1 (got {self.cfg_interval})")
+        if self.cuda_graph and not self.use_cache:
+            raise ValueError("cuda_graph replays the kv-cache step: it needs use_cache=True")
 
 
 class Sampled(NamedTuple):
@@ -187,6 +193,11 @@ def decode(
         prefix = torch.cat([prefix, prior.prefix(None, B)], dim=0)  # (2B, 1)
 
     uniforms = seeded_uniforms(seeds, num_tokens, device)  # (B, L)
+    if settings.cuda_graph:
+        step = DecodeStep(prior, prefix, uniforms, settings, guided, keep_logits, graph=device.type == "cuda")
+        for _ in range(num_tokens):
+            step()
+        return Sampled(step.codes, step.logits)
     tokens = prefix  # (B or 2B, 1 + i): every id fed so far
     new = prefix  # the ids not yet in the cache
     cache = KVCache()
@@ -210,6 +221,98 @@ def decode(
             tokens = torch.cat([tokens, new], dim=1)
     logits = torch.stack(step_logits, dim=1) if keep_logits else None  # (B, L, K)
     return Sampled(torch.stack(codes, dim=1), logits)  # codes (B, L)
+
+
+class DecodeStep:
+    """The cached decode loop's step (one code for every sample) as a function of static buffers, so that a GPU
+    can replay it as one CUDA graph instead of launching its ~hundred kernels from Python every token.
+
+        step = DecodeStep(prior, prefix, uniforms, settings, guided, keep_logits, graph=True)
+        for _ in range(L): step()        # step.codes (B, L) int64, step.logits (B, L, K) fp32 or None
+
+    State, all on the prior's device with fixed shapes: `token` (R, 1) the ids fed next (the prefix, then each
+    step's codes; R = 2B under CFG), `position` (1,) int64, a zeroed KVCache covering seq_len, the per-sample
+    uniforms (B, L), the guidance scale of every position (L,), and the outputs `codes` / `logits`. `run` reads and
+    advances them without a host sync or a data-dependent shape (Prior.static_step attends over the whole cache
+    through a mask). With graph=True (CUDA only) the first call warms `run` up on a side stream and captures it
+    into a torch.cuda.CUDAGraph (under the caller's autocast, with the autocast weight cache off, as capture
+    needs); every call then replays it. With graph=False `run` runs eagerly: the CPU path, and the one tests
+    compare with `decode`'s loop. Guidance, filters and the draw are `decode`'s own, in fp32; the guidance scale is
+    applied as `torch.where(scale == 1, cond, uncond + scale * (cond - uncond))`, which is `guide` exactly.
+    """
+
+    WARMUP = 2  # eager steps on a side stream before capture (cuBLAS handles, kernel selection)
+
+    def __init__(self, prior: Prior, prefix: Tensor, uniforms: Tensor, settings: SampleSettings, guided: bool,
+                 keep_logits: bool = False, graph: bool = False):
+        if graph and prefix.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs the prior on a GPU, not {prefix.device}; use graph=False")
+        self.prior, self.settings, self.guided = prior, settings, guided
+        self.prefix = prefix  # (R, 1)
+        self.uniforms = uniforms  # (B, L) fp64
+        B, L = uniforms.shape
+        self.num_tokens = L
+        device = prefix.device
+        self.scales = torch.tensor([cfg_scale_at(settings, i, L) for i in range(L)], dtype=torch.float32,
+                                   device=device)  # (L,)
+        self.token = prefix.clone()
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache = KVCache()  # allocated (zeroed) by the first run
+        self.codes = torch.zeros(B, L, dtype=torch.long, device=device)
+        self.logits = torch.zeros(B, L, prior.num_codes, device=device) if keep_logits else None
+        self.taken = 0  # steps taken since the last reset (host side: the buffers are never read back)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.want_graph = graph
+        autocast = device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), enabled=autocast,
+                                       cache_enabled=False) if autocast else contextlib.nullcontext()
+
+    def reset(self) -> None:
+        self.token.copy_(self.prefix)
+        self.position.zero_()
+        self.taken = 0
+
+    @torch.no_grad()
+    def run(self) -> None:
+        """One decode step on the buffers: code `position` for every sample, then advance."""
+        logits = self.prior.static_step(self.token, self.position, self.cache)  # (R, K) fp32
+        with torch.autocast(device_type=self.token.device.type, enabled=False):  # guidance and filters in fp32
+            if self.guided:
+                cond, uncond = logits.chunk(2, dim=0)  # (B, K) each
+                scale = self.scales.index_select(0, self.position)  # (1,)
+                logits = torch.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
+            code = choose(logits, self.settings, self.uniforms.index_select(1, self.position).squeeze(1))  # (B,)
+        self.codes.index_copy_(1, self.position, code[:, None])
+        if self.logits is not None:
+            self.logits.index_copy_(1, self.position, logits[:, None])
+        self.token.copy_((torch.cat([code, code]) if self.guided else code)[:, None])
+        self.position.add_(1)
+
+    def capture(self) -> None:
+        """Warm `run` up on a side stream, capture it into a CUDA graph, and reset the state."""
+        with self.autocast:
+            stream = torch.cuda.Stream(self.token.device)
+            stream.wait_stream(torch.cuda.current_stream(self.token.device))
+            with torch.cuda.stream(stream):
+                for _ in range(self.WARMUP):
+                    self.reset()
+                    self.run()
+            torch.cuda.current_stream(self.token.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.run()
+        self.reset()
+
+    def __call__(self) -> None:
+        if self.taken == self.num_tokens:
+            raise RuntimeError(f"all {self.num_tokens} codes are drawn; reset() to decode again")
+        if self.want_graph and self.graph is None:
+            self.capture()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.run()
+        self.taken += 1
 
 
 def sample(
