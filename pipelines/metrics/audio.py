@@ -18,16 +18,13 @@ The library-backed perceptual metrics (PESQ, STOI, ViSQOL, V/UV F1, UTMOS) live 
 from __future__ import annotations
 
 import torch
-import torchaudio
 
 from data.errors import UserError
+from tokenizer.losses.mel import DAC_MEL_CLAMP, DAC_MEL_SCALES, multiscale_mel_distance  # noqa: F401 (re-exported)
+from tokenizer.losses.mel import stft_magnitude as _magnitude
 
 MIN_NOISE = 1e-10  # a perfect reconstruction would give SNR = inf; this caps it so means stay finite
 
-# DAC conf/base.yml, MelSpectrogramLoss: (window length, mel bands) per scale; hop = window // 4.
-DAC_MEL_SCALES: tuple[tuple[int, int], ...] = ((32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160),
-                                               (2048, 320))
-DAC_MEL_CLAMP = 1e-5  # DAC's clamp_eps: magnitudes below it are equal (silence does not dominate the log distance)
 # Parallel WaveGAN's (n_fft, hop, window) resolutions; STFT_LOG_CLAMP keeps log|X| finite on digital silence.
 STFT_RESOLUTIONS: tuple[tuple[int, int, int], ...] = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
 STFT_LOG_CLAMP = 1e-7
@@ -73,26 +70,10 @@ def si_sdr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(signal.clamp_min(MIN_NOISE) / noise.clamp_min(MIN_NOISE))).to(x.dtype)
 
 
-def _magnitude(x: torch.Tensor, n_fft: int, hop: int, win: int) -> torch.Tensor:
-    """(N, T) -> (N, n_fft // 2 + 1, frames) STFT magnitude, Hann window, centred with reflect padding."""
-    window = torch.hann_window(win, dtype=x.dtype, device=x.device)
-    return torch.stft(x, n_fft, hop, win, window, center=True, pad_mode="reflect", return_complex=True).abs()
-
-
 def mel_distance(x: torch.Tensor, x_hat: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """(B,) DAC multi-scale mel distance of each clip (module docstring): exactly 0 for identical clips."""
     _check_pair("mel_distance", x, x_hat, min_samples=DAC_MEL_SCALES[-1][0] // 2 + 1)  # reflect pad < length
-    B = x.shape[0]
-    both = torch.cat([x, x_hat]).flatten(0, 1).float()  # (2 * B * C, T): one STFT per scale for both sides
-    total = torch.zeros(B, dtype=torch.float32, device=x.device)
-    for window, n_mels in DAC_MEL_SCALES:
-        fbank = torchaudio.functional.melscale_fbanks(window // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate,
-                                                      norm="slaney", mel_scale="slaney").to(both)  # (F, M)
-        mag = _magnitude(both, window, window // 4, window)  # (2BC, F, frames)
-        mel = torch.einsum("nft,fm->nmt", mag, fbank).clamp_min(DAC_MEL_CLAMP).log10()  # (2BC, M, frames)
-        ref, est = mel.reshape(2, B, -1).unbind(0)  # (B, C*M*frames) each
-        total += (ref - est).abs().mean(1)
-    return total.to(x.dtype)
+    return multiscale_mel_distance(x, x_hat, sample_rate).to(x.dtype)
 
 
 def stft_distance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,9 @@ from .discriminators import (DISCRIMINATORS, Discriminators, PatchDiscriminator,
 from .gan import (OBJECTIVES, Objective, Scores, feature_matching_loss, hinge_d_loss, hinge_g_loss, lsgan_d_loss,
                   lsgan_g_loss, non_saturating_g_loss)
 from .lpips import LPIPS, VGG16_CHANNELS, VGG16Features, lpips_from_state_dicts
-from .mel import MelLoss, mel_sizes
+from .mel import MelLoss, MultiScaleMelLoss, mel_sizes
 
-GENERATOR_LOSSES = ("recon/l1", "recon/l2", "recon/mel", "perceptual/lpips", "gan/g", "gan/fm", "vq/commit")
+GENERATOR_LOSSES = ("recon/l1", "recon/l2", "recon/mel", "recon/mel_ms", "perceptual/lpips", "gan/g", "gan/fm", "vq/commit")
 GAN_LOSSES = ("gan/g", "gan/fm")  # the generator terms that need the discriminators (off before disc_start)
 
 
@@ -125,11 +125,15 @@ class TokenizerLosses(nn.Module):
                                  "(or tokenizer.losses.lpips_from_state_dicts), or set that weight to 0")
             self.lpips = lpips
         self.mel = None
+        for name in ("recon/mel", "recon/mel_ms"):
+            if cfg.weights.get(name, 0.0) != 0 and (dims != 1 or not sample_rate):
+                raise ValueError(f"{name} needs audio (dims=1) and its sample rate, got dims={dims}, "
+                                 f"sample_rate={sample_rate}; set the `{name}` weight to 0 for images")
         if cfg.weights.get("recon/mel", 0.0) != 0:
-            if dims != 1 or not sample_rate:
-                raise ValueError(f"recon/mel needs audio (dims=1) and its sample rate, got dims={dims}, "
-                                 f"sample_rate={sample_rate}; set the `recon/mel` weight to 0 for images")
             self.mel = MelLoss(sample_rate, cfg.mel_n_fft, cfg.mel_hop, cfg.mel_n_mels)
+        self.mel_ms = None
+        if cfg.weights.get("recon/mel_ms", 0.0) != 0:
+            self.mel_ms = MultiScaleMelLoss(sample_rate)
         self.discriminators = Discriminators()
         if any(cfg.weights.get(k, 0.0) != 0 for k in GAN_LOSSES):
             if not cfg.discriminators:
@@ -153,6 +157,8 @@ class TokenizerLosses(nn.Module):
         out = {"recon/l1": recon_l1(x, x_hat), "recon/l2": recon_l2(x, x_hat)}
         if self.mel is not None:
             out["recon/mel"] = self.mel(x, x_hat)
+        if self.mel_ms is not None:
+            out["recon/mel_ms"] = self.mel_ms(x, x_hat)
         if self.lpips is not None:
             out["perceptual/lpips"] = self.lpips(x, x_hat).mean()
         if gan and len(self.discriminators):
