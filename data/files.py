@@ -9,6 +9,9 @@ because the temp name lives in the same directory, hence on the same filesystem.
     write_text_atomic(path, text) / write_bytes_atomic(path, data) / write_json_atomic(path, obj)
     with atomic_path(path) as tmp:              # for writers that want a filename (np.savez, PIL, tarfile,
         np.savez(tmp, ...)                      # safetensors, a checkpoint directory: tmp.mkdir() first)
+
+A process killed by SIGKILL cannot remove its temp file; `remove_stale_temps(path)` deletes those of `path` whose
+writer process is gone (writers of big outputs, checkpoints, call it before writing).
 """
 
 from __future__ import annotations
@@ -37,6 +40,36 @@ def temp_path(path: str | Path) -> Path:
     """The temp name `atomic_path` writes `path` under: hidden, per process, same directory and suffix."""
     path = Path(path)
     return path.with_name(f".{path.stem}{TEMP_MARK}{os.getpid()}{path.suffix}")
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temp files/directories of `path` (`temp_path` names of any pid) whose writer is no longer running
+    on this machine: what a SIGKILLed writer left behind. A live writer's temp (another pid still running) is kept.
+    Returns what was removed."""
+    path = Path(path)
+    prefix, suffix = f".{path.stem}{TEMP_MARK}", path.suffix
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.iterdir():
+        name = candidate.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix):len(name) - len(suffix)] if suffix else name[len(prefix):]
+        if pid.isdigit() and 0 < int(pid) != os.getpid() and not _running(int(pid)):
+            _remove(candidate)
+            removed.append(candidate)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
