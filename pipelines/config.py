@@ -12,7 +12,7 @@ nested dataclass keeps that section's other defaults; a value for a dict-typed f
 the default dict whole, from every source (TOML table, JSON string, dotted keys), so an ablation's weights are exactly
 the ones written. An unknown key or a value of the wrong type raises `ConfigError` naming the key and listing the valid
 ones: a typo must never be a silent no-op. `to_dict`/`from_dict` give the JSON form that travels inside checkpoints
-and manifests.
+and manifests. Config files and values are parsed as data (tomllib, json), never executed.
 """
 from __future__ import annotations
 
@@ -74,7 +74,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str):
             text = value.strip()
-            value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+            try:
+                value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: {value!r} is not a JSON list ({e}); write a,b or [a, b]") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -224,12 +227,14 @@ def parse_config(cls: type[T], argv: list[str] | None = None, base: dict | None 
         if key == "config":
             path = Path(value)
             if not path.is_file():
-                raise ConfigError(f"config file {path} not found")
+                raise ConfigError(f"config file {path} not found: pass --config=<an existing .toml file>")
             try:
                 with open(path, "rb") as f:
-                    loaded = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+                    loaded = tomllib.load(f)  # parsed as data: nothing in a config file is ever executed
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # tomllib decodes UTF-8 itself
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+            except OSError as e:
+                raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
             tree = merge_config(cls, tree, loaded)
         else:
             _set_dotted(overrides, key, value)
