@@ -26,10 +26,15 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from data.errors import UserError
 from data.audio import AUDIO_EXTENSIONS, audio_file_bytes, decode_audio, normalise_audio, to_int16
 from data.image import IMAGE_EXTENSIONS, decode_image, image_file_bytes, normalise_image, to_uint8
 
 RESIZE_POLICIES = ("short_side", "center_crop", "none")
+
+
+class MediaSpecError(UserError, ValueError):
+    """A MediaSpec setting out of range or of the wrong type (a command-line value, or a hand-edited manifest)."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,13 @@ class MediaSpec:
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
-            raise ValueError(f"MediaSpec.modality={self.modality!r}; choose one of {sorted(MODALITIES)}")
+            raise MediaSpecError(f"modality={self.modality!r}: choose one of {sorted(MODALITIES)}")
         if self.resize not in RESIZE_POLICIES:
-            raise ValueError(f"MediaSpec.resize={self.resize!r}; choose one of {RESIZE_POLICIES}")
-        if self.size < 1 or self.sample_rate < 1 or self.clip_seconds <= 0:
-            raise ValueError(f"MediaSpec needs size, sample_rate, clip_seconds > 0, got {self}")
+            raise MediaSpecError(f"resize={self.resize!r}: choose one of {list(RESIZE_POLICIES)}")
+        for name, kind in (("size", int), ("sample_rate", int), ("clip_seconds", (int, float))):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
+                raise MediaSpecError(f"{name}={value!r}: it must be a number > 0 (size and sample_rate integers)")
 
     @property
     def clip_samples(self) -> int:
