@@ -4,7 +4,8 @@ Reading is where the randomness of training lives: shards resampled with replace
 random crops (data/media.py decodes each sample at read time with the manifest's `MediaSpec`), the split of
 shards over ranks and DataLoader workers. Every draw comes from a `random.Random` seeded by (seed, epoch, rank,
 worker, position), never from a global RNG, so a training stream can be resumed exactly (`resume_position`).
-The shards are addressed by URL strings (local paths today), the form webdataset also opens remotely.
+The shards are the ones the manifest names, addressed as webdataset URLs (data.shards.shard_urls): absolute local
+paths, http(s) URLs or the user's `pipe:` commands, so a loader reads a URL exactly as it reads a directory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data.media import MediaSpec, decode
-from data.shards import MAKE_SHARDS_HINT, MANIFEST, ManifestError, list_shards, read_manifest
+from data.shards import MAKE_SHARDS_HINT, MANIFEST, ManifestError, file_url, read_manifest, shard_urls
 
 
 class MediaBatch(NamedTuple):
@@ -65,10 +66,11 @@ def _eval_samples(src, spec: MediaSpec, field_name: str):
         yield _decode(sample, spec, field_name, None)
 
 
-def media_loader(shard_dir: str | Path, split: str, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
+def media_loader(location: str | Path, split: str, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
                  epoch_len: int | None = None, num_workers: int = 0, skip_batches: int = 0,
                  shuffle_buffer: int = 1_000) -> DataLoader:
-    """A DataLoader of `MediaBatch(x, labels, keys)` over the `split` shards of `shard_dir`.
+    """A DataLoader of `MediaBatch(x, labels, keys)` over the `split` shards at `location`: a local directory, an
+    http(s) base URL or a `pipe:` template with {} for the file name (data.shards); the batches do not depend on which.
 
     eval (train=False): every sample of the split exactly once, whole shards split across ranks
     (`split_by_node`) then workers (`split_by_worker`); center crops; the last batch may be short.
@@ -83,10 +85,10 @@ def media_loader(shard_dir: str | Path, split: str, batch_size: int, train: bool
     `epoch, skip_batches = divmod(s, epoch_len)`; it yields exactly the batches the uninterrupted run
     would have yielded from there (see `resume_position`). Create one loader per epoch.
     """
-    manifest = read_manifest(shard_dir)
-    urls = [str(p) for p in list_shards(shard_dir, split)]
+    manifest = read_manifest(location)
+    urls = shard_urls(location, manifest.shard_names.get(split, []))
     if not urls:
-        raise ManifestError(f"{Path(shard_dir) / MANIFEST} has no {split!r} samples (counts {manifest.counts}); "
+        raise ManifestError(f"{file_url(location, MANIFEST)} has no {split!r} samples (counts {manifest.counts}); "
                             f"raise --val_fraction or add files, then {MAKE_SHARDS_HINT}")
     spec, field_name = manifest.spec, manifest.field_name
     generator = torch.Generator().manual_seed(seed)  # DataLoader draws a base seed; keep it off the global RNG

@@ -12,12 +12,20 @@ Per sample, in a tar written atomically (temp name + rename):
                  int32 better.) Length = prod(grid) * itemsize, checked on read.
     {key}.cls    ASCII int class label, -1 when unlabelled
 The key is the media sample's key, so every token row traces back to its source file.
+
+Reading. The directory may be a URL (an http(s) base URL or a `pipe:` template, data/shards.py): the manifest names
+the shards. `load_tokens` holds a split in memory with its keys (tools, tests); training reads `open_tokens`, which
+converts a split once into contiguous `.npy` arrays (a cache next to the tokens, or under a cache directory for a
+URL) and memory-maps them, so the processes on one machine share one copy of the codes in the page cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -25,13 +33,16 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from data.files import write_json_atomic
+from data.errors import UserError
+from data.files import atomic_path, write_json_atomic
 from data.media import MediaSpec
-from data.shards import MANIFEST, SPLITS, AtomicTar, ManifestError, iter_shard_samples, list_shards, shard_name
+from data.shards import (MANIFEST, SPLITS, AtomicTar, ManifestError, file_url, is_remote, iter_shard_samples,
+                         list_shards, names_per_split, read_file, shard_urls)
 
 TOKEN_FORMAT = "simvq-token-shards"
 TOKEN_VERSION = 1
 ENCODE_HINT = "run `python -m pipelines.encode_shards` to (re-)encode the media shards with this tokenizer"
+TOKEN_CACHE = "runs/token_cache"  # open_tokens' cache for tokens read from a URL, unless given another directory
 
 
 def code_dtype(num_codes: int) -> np.dtype:
@@ -89,10 +100,14 @@ class TokenManifest:
     # images {"modality": "image", "size": px, "downsample_factor": px per token per axis}. Filled by encode_shards;
     # empty in manifests written before it existed and in pack_tokens output (the codes' media are not known there).
     media: dict = field(default_factory=dict)
+    # The tar file names per split in index order, what the readers open (a URL has no listing); manifests written
+    # before this field get `{split}-{index:06d}.tar` from `shards` (a manifest without `shards` has none).
+    shard_names: dict[str, list[str]] = field(default_factory=dict)
     format: str = TOKEN_FORMAT
     version: int = TOKEN_VERSION
 
     def __post_init__(self) -> None:
+        self.shard_names = names_per_split(self.shards, self.shard_names)
         expected = code_dtype(self.num_codes).name
         if self.dtype and self.dtype != expected:
             raise ManifestError(f"token manifest says dtype {self.dtype} but K={self.num_codes} is stored as "
@@ -108,15 +123,9 @@ class TokenManifest:
         write_json_atomic(Path(directory) / MANIFEST, asdict(self))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "TokenManifest":
-        path = Path(directory) / MANIFEST
-        if not path.is_file():
-            raise ManifestError(f"{path} not found: {directory} holds no finished token shards; {ENCODE_HINT}")
-        d = json.loads(path.read_text())
-        if d.get("format") != TOKEN_FORMAT or d.get("version") != TOKEN_VERSION:
-            raise ManifestError(f"{path} has format {d.get('format')!r} version {d.get('version')!r}, expected "
-                                f"{TOKEN_FORMAT!r} version {TOKEN_VERSION}; {ENCODE_HINT}")
-        return cls(**d)
+    def load(cls, location: str | Path) -> "TokenManifest":
+        """The manifest of a local token directory or URL (data/shards.py)."""
+        return _load_manifest(location)[0]
 
     def check_compatible(self, **expected) -> None:
         """Raise ManifestError listing every field that differs from `expected` (any manifest field by
@@ -133,6 +142,23 @@ class TokenManifest:
                                 "(or point to the token directory made by this tokenizer)")
 
 
+def _load_manifest(location: str | Path) -> tuple[TokenManifest, str]:
+    """(manifest, sha256 of its bytes) at a local directory or URL."""
+    where = file_url(location, MANIFEST)
+    try:
+        raw = read_file(location, MANIFEST)
+        d = json.loads(raw)
+    except FileNotFoundError:
+        raise ManifestError(f"{where} not found: {location} holds no finished token shards; {ENCODE_HINT}") from None
+    except ValueError:  # not UTF-8 or not JSON: e.g. an HTML page served in its place
+        raise ManifestError(f"{where} is not a JSON manifest: is {location} a token directory? {ENCODE_HINT}") from None
+    if not isinstance(d, dict) or d.get("format") != TOKEN_FORMAT or d.get("version") != TOKEN_VERSION:
+        d = d if isinstance(d, dict) else {}
+        raise ManifestError(f"{where} has format {d.get('format')!r} version {d.get('version')!r}, expected "
+                            f"{TOKEN_FORMAT!r} version {TOKEN_VERSION}; {ENCODE_HINT}")
+    return TokenManifest(**d), hashlib.sha256(raw).hexdigest()
+
+
 def media_timing(spec: MediaSpec, downsample_factor: int) -> dict:
     """`TokenManifest.media` for media of `spec` encoded by a tokenizer with this downsample factor (the hop, for
     audio): what a token stands for, in the media's own units (16 kHz at hop 320: 50 tokens per second)."""
@@ -145,28 +171,30 @@ def media_timing(spec: MediaSpec, downsample_factor: int) -> dict:
 class PendingShard(NamedTuple):
     split: str
     index: int
-    media_path: Path  # input media shard
+    media_url: str  # the input media shard: an absolute local path or a URL (data.shards.shard_urls)
     token_path: Path  # where its token shard goes
 
 
-def pending_token_shards(media_dir: str | Path, token_dir: str | Path) -> list[PendingShard]:
-    """Media shards whose token shard does not exist yet (a token shard that exists is complete,
-    because it was renamed into place only after being fully written)."""
+def pending_token_shards(media: str | Path, token_dir: str | Path,
+                         names: dict[str, list[str]] | None = None) -> list[PendingShard]:
+    """Media shards whose token shard (the same file name in `token_dir`) does not exist yet; a token shard that
+    exists is complete, because it was renamed into place only after being fully written. `names`: the media
+    manifest's shard names per split (`MediaManifest.shard_names`, what a URL needs); None lists a local directory."""
     pending = []
     for split in SPLITS:
-        for media_path in list_shards(media_dir, split):
-            index = int(media_path.stem.split("-")[1])
-            token_path = Path(token_dir) / shard_name(split, index)
+        split_names = [p.name for p in list_shards(media, split)] if names is None else names.get(split, [])
+        for index, name in enumerate(split_names):
+            token_path = Path(token_dir) / name
             if not token_path.exists():
-                pending.append(PendingShard(split, index, media_path, token_path))
+                pending.append(PendingShard(split, index, file_url(media, name), token_path))
     return pending
 
 
 # ---------------------------------------------------------------------------------------- the reader
 class TokenSet(NamedTuple):
-    codes: np.ndarray  # (N, L) in the stored dtype, L = prod(grid), raster order
+    codes: np.ndarray  # (N, L) in the stored dtype, L = prod(grid), raster order; memory-mapped from open_tokens
     labels: np.ndarray  # (N,) int64
-    keys: list[str]
+    keys: list[str] | None  # the samples' keys (load_tokens); None from open_tokens, which keeps only the arrays
 
 
 class TokenBatch(NamedTuple):
@@ -174,31 +202,118 @@ class TokenBatch(NamedTuple):
     labels: torch.Tensor  # (B,) int64
 
 
-def load_tokens(directory: str | Path, split: str) -> TokenSet:
-    """All samples of one split in memory (2 bytes per token for K <= 65,536: ImageNet at 16x16 is ~650 MB)."""
-    manifest = TokenManifest.load(directory)
+def token_shard_urls(location: str | Path, manifest: TokenManifest, split: str) -> list[str]:
+    """The split's shards as the manifest names them; for a local directory also checks that they are all there."""
+    names = manifest.shard_names.get(split)
+    if names is None:  # a manifest without shard counts (older writers), or a split that was not encoded
+        if not is_remote(location):
+            return shard_urls(location, [p.name for p in list_shards(location, split)])
+        if manifest.counts.get(split, 0):
+            raise ManifestError(f"{file_url(location, MANIFEST)} names no {split} shards (written before shard "
+                                f"names were recorded): read it from a local directory, or {ENCODE_HINT}")
+        return []
+    if not is_remote(location):
+        found = len(list_shards(location, split))
+        if found != len(names) or not all(os.path.isfile(file_url(location, n)) for n in names):
+            raise ManifestError(f"{file_url(location, MANIFEST)} lists {len(names)} {split} shards but {found} "
+                                f"exist; the encode did not finish: {ENCODE_HINT}")
+    return shard_urls(location, names)
+
+
+def _rows(urls: list[str], manifest: TokenManifest) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(key, codes (L,) in the stored dtype, label) per sample of these shards, in order."""
     dtype, length = np.dtype(manifest.dtype).newbyteorder("<"), manifest.seq_len
-    paths = list_shards(directory, split)
-    if len(paths) != manifest.shards.get(split, len(paths)):
-        raise ManifestError(f"{Path(directory) / MANIFEST} lists {manifest.shards[split]} {split} shards but "
-                            f"{len(paths)} exist; the encode did not finish: {ENCODE_HINT}")
-    rows, labels, keys = [], [], []
-    for path in paths:
-        for key, fields in iter_shard_samples(path):
+    for url in urls:
+        for key, fields in iter_shard_samples(url):
             if len(fields.get("codes", b"")) != length * dtype.itemsize:
-                raise ManifestError(f"{path}: sample {key!r} has {len(fields.get('codes', b''))} code bytes, "
+                raise ManifestError(f"{url}: sample {key!r} has {len(fields.get('codes', b''))} code bytes, "
                                     f"expected {length} x {dtype.itemsize} (grid {manifest.grid}); {ENCODE_HINT}")
-            rows.append(np.frombuffer(fields["codes"], dtype=dtype))
-            labels.append(int(fields["cls"]))
-            keys.append(key)
-    if len(keys) != manifest.counts.get(split, len(keys)):
-        raise ManifestError(f"{directory}: {len(keys)} {split} samples on disk, manifest says {manifest.counts[split]}")
-    codes = np.stack(rows) if rows else np.zeros((0, length), dtype)  # (N, L)
+            yield key, np.frombuffer(fields["codes"], dtype=dtype), int(fields["cls"])
+
+
+def _check_count(location: str | Path, split: str, found: int, expected: int) -> None:
+    if found != expected:
+        raise ManifestError(f"{location}: {found} {split} samples in the shards, the manifest says {expected}; "
+                            f"{ENCODE_HINT}")
+
+
+def load_tokens(location: str | Path, split: str) -> TokenSet:
+    """All samples of one split in memory, keys included (tools and tests; training maps `open_tokens` instead:
+    ImageNet at 16x16 would be ~650 MB of codes plus its keys in every process)."""
+    manifest = TokenManifest.load(location)
+    rows, labels, keys = [], [], []
+    for key, codes, label in _rows(token_shard_urls(location, manifest, split), manifest):
+        rows.append(codes)
+        labels.append(label)
+        keys.append(key)
+    _check_count(location, split, len(keys), manifest.counts.get(split, len(keys)))
+    dtype = np.dtype(manifest.dtype).newbyteorder("<")
+    codes = np.stack(rows) if rows else np.zeros((0, manifest.seq_len), dtype)  # (N, L)
     return TokenSet(codes, np.asarray(labels, dtype=np.int64), keys)
 
 
+def open_tokens(location: str | Path, split: str, cache_dir: str | Path = "") -> TokenSet:
+    """One split as read-only memory-mapped arrays: `TokenSet(codes (N, L) in the stored dtype, labels (N,) int64,
+    keys=None)`, the same rows in the same order as `load_tokens`.
+
+    On first use the shards are converted, one sample at a time, into `codes.npy` and `labels.npy` in
+    `<cache>/<split>-<hash>/`, a directory renamed into place only when complete (data/files.py);
+    later calls, and every other process on the machine, map those files, so N processes share one copy in the page
+    cache instead of holding N (ImageNet at 16x16, K <= 65,536: 1,281,167 x 256 x 2 B = 656 MB per machine, not per
+    process). The entry is named by a hash of the manifest and, for a local directory, of its shards' sizes, mtimes
+    and inodes, so re-encoded tokens never meet a stale cache (a URL's shards are taken to change with its manifest).
+    <cache> = `cache_dir`; else `<location>/cache` for a local directory (where older entries of the split are
+    deleted); else runs/token_cache for a URL. Processes started together should let one of them build it first
+    (accelerate's `local_main_process_first`); if several do, each writes its own temp copy and an identical one
+    wins."""
+    manifest, sha = _load_manifest(location)
+    urls = token_shard_urls(location, manifest, split)
+    key = hashlib.sha256(sha.encode())
+    for url in [] if is_remote(location) else urls:
+        stat = os.stat(url)
+        key.update(f"{os.path.basename(url)}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}".encode())
+    own = not cache_dir and not is_remote(location)  # the token directory's own cache
+    root = Path(location) / "cache" if own else Path(cache_dir or TOKEN_CACHE)
+    entry = root / f"{split}-{key.hexdigest()[:16]}"
+    if not entry.is_dir():
+        try:
+            _build_cache(entry, urls, manifest, split, location)
+        except OSError as exc:  # a read-only token directory, a full disk
+            raise UserError(f"cannot write the token cache {entry}: {exc}; pass a writable --token_cache=DIR") from None
+        for old in root.glob(f"{split}-*") if own else []:  # made from an earlier manifest of this directory
+            if old != entry:  # (a process still mapping it keeps reading its files until it closes them)
+                shutil.rmtree(old, ignore_errors=True)
+    codes, labels = np.load(entry / "codes.npy", mmap_mode="r"), np.load(entry / "labels.npy", mmap_mode="r")
+    if codes.shape != (manifest.counts.get(split, 0), manifest.seq_len) or labels.shape != codes.shape[:1]:
+        raise ManifestError(f"{entry} holds codes {codes.shape}, labels {labels.shape}, not the {split} split of "
+                            f"{location}: delete {entry} and rerun")
+    return TokenSet(codes, labels, None)
+
+
+def _build_cache(entry: Path, urls: list[str], manifest: TokenManifest, split: str, location: str | Path) -> None:
+    """Stream a split's shards into `entry`/codes.npy (N, L) and labels.npy (N,), written in place through a memory
+    map (no copy of the split in memory) in a temp directory that is renamed to `entry` at the end."""
+    n = manifest.counts.get(split, 0)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(entry) as tmp:
+        tmp.mkdir()
+        dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        codes = np.lib.format.open_memmap(tmp / "codes.npy", "w+", dtype, (n, manifest.seq_len))
+        labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.dtype("<i8"), (n,))
+        found = 0
+        for _, row, label in _rows(urls, manifest):
+            if found < n:
+                codes[found], labels[found] = row, label
+            found += 1
+        _check_count(location, split, found, n)
+        codes.flush()
+        labels.flush()
+        del codes, labels  # unmapped before the rename
+
+
 class TokenLoader:
-    """Batches of `TokenBatch(tokens (B, L) int64, labels (B,))` from an in-memory split.
+    """Batches of `TokenBatch(tokens (B, L) int64, labels (B,))` from a `TokenSet` (in memory or memory-mapped:
+    only the rows of each batch are read and converted).
 
     shuffle=True: order = a permutation drawn from (seed, epoch) alone (a private torch.Generator, the
     global RNG is untouched), split across ranks as perm[rank::world_size], last partial batch dropped
@@ -207,7 +322,7 @@ class TokenLoader:
 
     def __init__(self, tokens: TokenSet, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                  skip_batches: int = 0, drop_last: bool | None = None, rank: int = 0, world_size: int = 1):
-        count = len(tokens.keys)
+        count = len(tokens.labels)
         if shuffle:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(count, generator=generator).numpy()
@@ -229,9 +344,9 @@ class TokenLoader:
                              torch.from_numpy(self.tokens.labels[rows]))
 
 
-def token_loader(directory: str | Path, split: str, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-                 skip_batches: int = 0, drop_last: bool | None = None, rank: int = 0,
-                 world_size: int = 1) -> TokenLoader:
-    """Read a split of a token directory (see `TokenLoader` for order and resume)."""
-    return TokenLoader(load_tokens(directory, split), batch_size, shuffle, seed, epoch, skip_batches, drop_last,
-                       rank, world_size)
+def token_loader(location: str | Path, split: str, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+                 skip_batches: int = 0, drop_last: bool | None = None, rank: int = 0, world_size: int = 1,
+                 cache_dir: str | Path = "") -> TokenLoader:
+    """A split of a token directory or URL, memory-mapped (`open_tokens`; see `TokenLoader` for order and resume)."""
+    return TokenLoader(open_tokens(location, split, cache_dir), batch_size, shuffle, seed, epoch, skip_batches,
+                       drop_last, rank, world_size)

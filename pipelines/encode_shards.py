@@ -4,7 +4,12 @@
         --out=runs/digits/tokens
     accelerate launch -m pipelines.encode_shards --data=... --tokenizer=... --out=...     # shards split over processes
     accelerate launch --multi_gpu --num_processes=2 -m pipelines.encode_shards ...       # 2 CPU processes, no GPU
+    python -m pipelines.encode_shards --data=https://host/digits/shards ...              # media read from a URL
+    python -m pipelines.encode_shards --data='pipe:aws s3 cp s3://bucket/digits/shards/{} -' ...
     python -m pipelines.encode_shards ... --overwrite=true     # replace tokens made by another tokenizer / media set
+
+`--data` is a local directory or a URL (data/shards.py: http(s) base URL, or a `pipe:` command with {} for the file
+name); the shards are the ones its manifest names. The token output is always a local directory.
 
 Each media shard `{split}-{index:06d}.tar` becomes the token shard of the same name, made from exactly that shard:
 its samples are read in file order (data.shards.iter_shard_samples), decoded with the *eval* view (center crop,
@@ -35,10 +40,10 @@ import torch
 from accelerate import Accelerator
 
 from data.errors import UserError
-from data.files import TEMP_MARK, sha256_file, write_json_atomic
+from data.files import write_json_atomic
 from data.media import decode
-from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, iter_shard_samples, list_shards,
-                         read_manifest)
+from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, file_url, iter_shard_samples, list_shards,
+                         manifest_sha256, read_manifest, remove_temp_files)
 from data.tokens import (PendingShard, TokenManifest, TokenSample, media_timing, pending_token_shards,
                          write_token_shard)
 from pipelines.checkpoint import load_config, load_tokenizer, weights_sha256
@@ -51,7 +56,7 @@ IDENTITY = "encode.json"  # written at the start of a run: what the shards in th
 
 @dataclass
 class EncodeShardsConfig:
-    data: str = required()  # media shard directory (python -m pipelines.make_shards)
+    data: str = required()  # media shards (python -m pipelines.make_shards): a directory, http(s) URL or pipe:...{}
     tokenizer: str = required()  # tokenizer checkpoint, or run directory (its newest checkpoint)
     out: str = required()  # token shard directory
     batch_size: int = 256  # samples per encoder forward
@@ -91,10 +96,9 @@ def prepare_out_dir(out: Path, identity: dict[str, str], cfg: EncodeShardsConfig
     """Main process only: clear the directory on --overwrite, record the identity, drop the old manifest (a crash
     from here on leaves no manifest, so readers see an unfinished encode)."""
     out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:  # shards, and the temp files a killed writer (SIGKILL skips the cleanup) left behind
-        for path in list(out.glob(f".{split}-[0-9][0-9][0-9][0-9][0-9][0-9]{TEMP_MARK}*.tar")):
-            path.unlink()
-        for path in list_shards(out, split) if cfg.overwrite else []:
+    remove_temp_files(out, (MANIFEST, IDENTITY))  # what a killed writer (SIGKILL skips the cleanup) left behind
+    for split in SPLITS if cfg.overwrite else ():
+        for path in list_shards(out, split):
             path.unlink()
     if cfg.overwrite:
         (out / IDENTITY).unlink(missing_ok=True)
@@ -110,7 +114,7 @@ def encode_shard(model, shard: PendingShard, media: MediaManifest, grid: tuple[i
 
     def batches() -> Iterator[list[tuple[str, bytes, int]]]:
         batch = []
-        for key, fields in iter_shard_samples(shard.media_path):
+        for key, fields in iter_shard_samples(shard.media_url):
             batch.append((key, fields[media.field_name], int(fields["cls"])))
             if len(batch) == batch_size:
                 yield batch
@@ -135,17 +139,17 @@ def count_samples(path: Path) -> int:
         return sum(1 for m in tar if m.isfile() and m.name.endswith(".cls"))
 
 
-def finish(out: Path, data: Path, splits: tuple[str, ...], media: MediaManifest, identity: dict[str, str],
+def finish(out: Path, data: str, splits: tuple[str, ...], media: MediaManifest, identity: dict[str, str],
            quantizer: str, num_codes: int, grid: tuple[int, ...], downsample_factor: int,
            cfg: EncodeShardsConfig) -> TokenManifest:
     """Check that every split is complete (same shards as the media, same sample count) and write the manifest,
     with the media's timing (`media_timing`: for audio the sample rate, the hop and tokens per second)."""
-    counts, shards = {}, {}
+    counts, names = {}, {}
     for split in SPLITS:
         token_paths = list_shards(out, split)
         if split not in splits and not token_paths:
             continue
-        media_names = [p.name for p in list_shards(data, split)]
+        media_names = media.shard_names.get(split, [])
         missing = sorted(set(media_names) - {p.name for p in token_paths})
         extra = sorted({p.name for p in token_paths} - set(media_names))
         if missing or extra:
@@ -153,12 +157,13 @@ def finish(out: Path, data: Path, splits: tuple[str, ...], media: MediaManifest,
                                 f"{missing[:3]}, extra {extra[:3]}); rerun `python -m pipelines.encode_shards "
                                 f"--data={data} --tokenizer={cfg.tokenizer} --out={out} --splits={','.join(SPLITS)}`")
         counts[split] = sum(count_samples(p) for p in token_paths)
-        shards[split] = len(token_paths)
+        names[split] = media_names  # each token shard has its media shard's name
         if counts[split] != media.counts.get(split, 0):
-            raise ManifestError(f"{out}: {counts[split]} {split} token samples but {data / MANIFEST} lists "
+            raise ManifestError(f"{out}: {counts[split]} {split} token samples but {file_url(data, MANIFEST)} lists "
                                 f"{media.counts.get(split, 0)}; {_rerun_hint(cfg)}")
     manifest = TokenManifest(quantizer=quantizer, num_codes=num_codes, grid=list(grid), counts=counts,
-                             class_names=list(media.class_names), shards=shards,
+                             class_names=list(media.class_names), shards={s: len(n) for s, n in names.items()},
+                             shard_names=names,
                              media=media_timing(media.spec, downsample_factor), **identity)
     manifest.save(out)
     return manifest
@@ -169,7 +174,7 @@ def main(cfg: EncodeShardsConfig) -> TokenManifest:
     splits = cfg.splits
     if not splits:
         raise ConfigError(f"--splits is empty: give a subset of {','.join(SPLITS)}")
-    data, out = Path(cfg.data), Path(cfg.out)
+    data, out = cfg.data, Path(cfg.out)
     # The Accelerator gives ranks and barriers only. cpu=True on a machine without CUDA, else accelerate ignores
     # LOCAL_RANK/WORLD_SIZE there and every launched process would think it is the only one. The device and the
     # autocast are chosen here, so --device=cpu also works in a process whose accelerate state points at a GPU.
@@ -188,7 +193,7 @@ def main(cfg: EncodeShardsConfig) -> TokenManifest:
                         f"on these shards: `python -m pipelines.train_tokenizer --data={data} "
                         f"--model.dims={spec.dims} --model.in_channels={spec.channels}`")
     grid = model.grid_shape(spec.input_shape[1:])  # a sample (C, *S) -> its code grid from S
-    identity = {"tokenizer_sha256": weights_sha256(ckpt), "source_manifest_sha256": sha256_file(data / MANIFEST)}
+    identity = {"tokenizer_sha256": weights_sha256(ckpt), "source_manifest_sha256": manifest_sha256(data)}
 
     # output directory: every process checks (read-only, so all raise alike), then the main process prepares it
     if not cfg.overwrite:
@@ -197,7 +202,7 @@ def main(cfg: EncodeShardsConfig) -> TokenManifest:
     if accelerator.is_main_process:
         prepare_out_dir(out, identity, cfg)
     accelerator.wait_for_everyone()
-    pending = [p for p in pending_token_shards(data, out) if p.split in splits]
+    pending = [p for p in pending_token_shards(data, out, media.shard_names) if p.split in splits]
     accelerator.wait_for_everyone()  # everyone has listed before anyone writes, so pending[i::N] is one partition
     mine = pending[accelerator.process_index :: accelerator.num_processes]
     accelerator.print(f"encode_shards: {len(pending)} of {sum(media.shards.get(s, 0) for s in splits)} shards to "

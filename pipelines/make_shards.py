@@ -10,6 +10,10 @@
 Formats, split rule, sample shuffle and resize policy: data/shards.py and data/media.py. Unreadable files
 are skipped, logged with the reason and listed in the manifest; a class folder with no readable file is
 dropped from the class names; the run fails only when nothing at all is readable.
+
+Interrupted (Ctrl-C, a crash, SIGKILL): manifest.json is written last, so no later stage reads the directory; the
+same command again (no --overwrite needed, there is no manifest) writes every shard from the start and removes what
+the interrupted run left behind: its temp files and any shard this run does not write.
 """
 
 from __future__ import annotations

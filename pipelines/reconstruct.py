@@ -14,9 +14,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.errors import UserError
 from data.files import write_text_atomic
 from data.reader import media_loader
-from data.shards import read_manifest
+from data.shards import is_remote, read_manifest
 from pipelines.checkpoint import load_tokenizer
 from pipelines.cli import run
 from pipelines.config import required, to_dict
@@ -28,7 +29,7 @@ from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metr
 @dataclass
 class ReconstructConfig:
     tokenizer: str = required()  # tokenizer checkpoint or run directory
-    data: str = required()  # media shard directory
+    data: str = required()  # media shards: a directory, or (images) an http(s) URL or pipe:...{} (data/shards.py)
     out: str = required()  # where recon.png and metrics.json go
     split: str = "val"  # which split to reconstruct
     usage_split: str = "train"  # split encoded for usage/* (codebook utilisation on many tokens); "" = skip
@@ -41,6 +42,9 @@ def main(cfg: ReconstructConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
     modality = read_manifest(cfg.data).spec.modality
+    if modality == "audio" and is_remote(cfg.data):  # whole clips: pipelines/metrics/audio_eval.py reads local shards
+        raise UserError(f"--data={cfg.data}: audio reconstruction reads a local shard directory; copy the shards to a "
+                        "local folder and pass that")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if modality == "audio":

@@ -3,6 +3,11 @@
     python -m pipelines.train_prior --tokens=runs/digits/tokens --out=runs/digits/prior --loop.steps=2000
     accelerate launch -m pipelines.train_prior --config=configs/prior_b.toml       # several GPUs / nodes
     python -m pipelines.train_prior ... --loop.resume=true                           # after an interruption
+    python -m pipelines.train_prior --tokens=https://host/digits/tokens --token_cache=/scratch/tokens ...
+
+`--tokens` is a local directory or a URL (data/shards.py: http(s) base URL, or a `pipe:` command with {} for the
+file name). Each split is converted once into contiguous arrays (data.tokens.open_tokens: `<tokens>/cache/`, or
+`--token_cache`) that every process maps read-only: the processes of one machine share one copy of the codes.
 
 The prior's vocabulary (model.num_codes = K), length (model.seq_len = prod(grid)) and classes (model.num_classes)
 are filled from the token manifest; setting one that disagrees is an error, never a silently different model. The
@@ -24,7 +29,7 @@ import torch
 
 from data.errors import UserError
 from data.shards import ManifestError
-from data.tokens import ENCODE_HINT, TokenLoader, TokenManifest, TokenSet, load_tokens
+from data.tokens import ENCODE_HINT, TokenLoader, TokenManifest, TokenSet, open_tokens
 from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
 from pipelines.trainer import LoopConfig, Trainer
@@ -50,7 +55,8 @@ class PriorModelSettings(PriorConfig):
 @dataclass
 class TrainPriorConfig:
     ALIASES: ClassVar[dict[str, str]] = {"resume": "loop.resume"}  # --resume continues the run in --out
-    tokens: str = required()  # token shard directory (python -m pipelines.encode_shards)
+    tokens: str = required()  # token shards (python -m pipelines.encode_shards): a directory, http(s) URL or pipe:...{}
+    token_cache: str = ""  # where the splits' memory-mapped arrays go; "" = <tokens>/cache (runs/token_cache for a URL)
     out: str = required()  # run directory: checkpoints/, log.jsonl, tb/
     batch_size: int = 64  # sequences per micro-batch per process
     eval_batches: int = 0  # val batches per evaluation; 0 = the whole val split
@@ -118,19 +124,20 @@ def main(cfg: TrainPriorConfig) -> dict[str, float]:
     manifest = TokenManifest.load(cfg.tokens)
     cfg = fill_from_manifest(cfg, manifest)
     # The run's identity of its inputs, recorded in every checkpoint's train_config: sampling checks it.
-    token_manifest = {k: v for k, v in asdict(manifest).items() if k not in ("counts", "shards")}
+    token_manifest = {k: v for k, v in asdict(manifest).items() if k not in ("counts", "shards", "shard_names")}
     full_config = {**to_dict(cfg), "token_manifest": token_manifest}
     trainer = Trainer(cfg.loop, cfg.out, kind="prior", model_config=to_dict(cfg.model), full_config=full_config)
     device, acc = trainer.device, trainer.accelerator
     conditional = cfg.model.num_classes > 0
 
-    train_set = load_tokens(cfg.tokens, "train")
-    val_set = load_tokens(cfg.tokens, "val") if manifest.counts.get("val", 0) > 0 else None
+    with acc.local_main_process_first():  # one process per machine converts the shards, the others map its arrays
+        train_set = open_tokens(cfg.tokens, "train", cfg.token_cache)
+        val_set = open_tokens(cfg.tokens, "val", cfg.token_cache) if manifest.counts.get("val", 0) > 0 else None
     check_labels(train_set, cfg.model.num_classes, f"{cfg.tokens} (train)")
     if val_set is not None:
         check_labels(val_set, cfg.model.num_classes, f"{cfg.tokens} (val)")
 
-    acc.print(f"{cfg.tokens}: {len(train_set.keys)} train sequences")
+    acc.print(f"{cfg.tokens}: {len(train_set.labels)} train sequences")
     train_step = build_train_step(cfg, trainer)
 
     def loader(epoch: int, skip: int) -> TokenLoader:
@@ -139,7 +146,7 @@ def main(cfg: TrainPriorConfig) -> dict[str, float]:
 
     epoch_len = len(loader(0, 0))
     if epoch_len == 0:
-        raise UserError(f"--tokens={cfg.tokens}: {len(train_set.keys)} train sequences make no full batch of "
+        raise UserError(f"--tokens={cfg.tokens}: {len(train_set.labels)} train sequences make no full batch of "
                         f"{cfg.batch_size} x {acc.num_processes} processes; lower --batch_size")
 
     def batches(start: int):

@@ -3,6 +3,8 @@
     python -m pipelines.train_tokenizer --data=runs/digits/shards --out=runs/digits/tokenizer --loop.steps=600
     accelerate launch -m pipelines.train_tokenizer --config=configs/tokenizer_b.toml     # several GPUs / nodes
     python -m pipelines.train_tokenizer ... --resume        # after an interruption (= --loop.resume=true)
+    python -m pipelines.train_tokenizer --data=https://host/inet/shards ...             # shards read over http
+    python -m pipelines.train_tokenizer --data='pipe:gsutil cat gs://bucket/inet/shards/{}' ...
 
     python -m pipelines.train_tokenizer --config=configs/tokenizer_audio_cpu.toml --data=<16 kHz shards> --out=...
 
@@ -38,7 +40,7 @@ from tokenizer.quantizers import QUANTIZERS, CodebookUsage
 @dataclass
 class TrainTokenizerConfig:
     ALIASES: ClassVar[dict[str, str]] = {"resume": "loop.resume"}  # --resume continues the run in --out
-    data: str = required()  # media shard directory (python -m pipelines.make_shards)
+    data: str = required()  # media shards (python -m pipelines.make_shards): a directory, http(s) URL or pipe:...{}
     out: str = required()  # run directory: checkpoints/, log.jsonl, tb/, recon-*.png
     batch_size: int = 64  # micro-batch per process
     num_workers: int = 0  # DataLoader workers per process
