@@ -27,6 +27,12 @@ the non-finite losses, `skipped/<name>` = 1 in the step's logs (which are then a
 `max_nonfinite_steps` consecutive skips of one model the run stops with a FloatingPointError, and `save` refuses to
 write non-finite weights: no checkpoint ever holds them.
 
+Several processes (`accelerate launch` / `torchrun`, one or many nodes) run plain DDP: every process holds the whole
+model, gradients are all-reduced, and the main process (global rank 0) alone writes config.json, logs and checkpoints
+into the run directory, which on several nodes must be one shared filesystem path: resume and the check that a fresh
+run does not overwrite one read it on every process, and refuse (on every process alike) when they see different
+checkpoints there. FSDP, DeepSpeed and Megatron-LM shard or take over the model and its step: `Trainer` refuses them.
+
 Resume is exact: every step reseeds torch/python RNGs from (seed, step, rank), the data stream is a pure function of
 (seed, position) (`batches(start_micro_batch)`), and the checkpoint holds raw + EMA weights, optimiser and scheduler
 states, the fp16 loss scaler's state (when there is one) and the step. So a resumed run draws the same numbers as an
@@ -37,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -47,6 +54,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -107,6 +115,29 @@ def make_accelerator(cfg: LoopConfig) -> Accelerator:
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
+# accelerate modes that shard the model or run the optimiser step themselves, and the variables `accelerate launch` sets
+# for them: this trainer exports, checkpoints and resumes whole state dicts and owns the step (clipping, skipping).
+SHARDED_MODES = {"FSDP": (DistributedType.FSDP, "ACCELERATE_USE_FSDP"),
+                 "DeepSpeed": (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED"),
+                 "Megatron-LM": (DistributedType.MEGATRON_LM, "ACCELERATE_USE_MEGATRON_LM")}
+
+
+def check_distributed_mode(accelerator: Accelerator | None = None) -> None:
+    """Refuse FSDP / DeepSpeed / Megatron-LM, asked for through the launcher's environment or set on `accelerator`,
+    with one line naming the setting and the fix. Under FSDP the rank-0-only state_dict() of `save` would hang (the
+    other ranks never join the gather), and the EMA copy, the optimiser state and resume all assume whole tensors."""
+    for name, (mode, variable) in SHARDED_MODES.items():
+        asked = os.environ.get(variable, "false").lower() == "true"
+        if asked or (accelerator is not None and accelerator.distributed_type == mode):
+            how = f"{variable}=true" if asked else f"distributed_type {mode.value}"
+            raise UserError(
+                f"accelerate is set to {name} ({how}), which this trainer does not support (it checkpoints, exports "
+                f"and resumes whole, unsharded models: a sharded one would hang at the first checkpoint): run plain "
+                f"DDP, i.e. answer NO to FSDP, DeepSpeed and Megatron-LM in `accelerate config` (distributed_type "
+                f"MULTI_GPU, or `accelerate launch --multi_gpu` without --use_fsdp/--use_deepspeed); every prior size "
+                f"fits one GPU, and --batch_size lower with --loop.grad_accum higher keeps the effective batch")
+
+
 def seed_everything(seed: int, step: int, rank: int) -> None:
     s = (seed * 1_000_003 + step * 7_919 + rank) % (2**63)
     torch.manual_seed(s)
@@ -140,7 +171,9 @@ class Trainer:
         self.cfg, self.kind = cfg, kind
         self.run_dir = Path(run_dir)
         self.model_config, self.full_config = model_config, full_config
+        check_distributed_mode()  # before accelerate sets anything up
         self.accelerator = accelerator or make_accelerator(cfg)
+        check_distributed_mode(self.accelerator)
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
@@ -250,9 +283,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
+        """Write a checkpoint of this step; returns its path on the main process, None on the others. Every process
+        checks the weights (so all refuse non-finite ones together) and waits until the main process has written."""
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
         weights = {"model": self.eval_model().state_dict()}
         if self.ema is not None:
             weights["raw"] = self.unwrap(self.main).state_dict()
@@ -264,6 +297,11 @@ class Trainer:
             raise FloatingPointError(f"refusing to write the step-{self.global_step} checkpoint of {self.run_dir}: "
                                      f"{len(bad)} tensors hold non-finite values ({', '.join(bad[:4])}); resume from "
                                      f"the newest checkpoint with a lower --loop.lr or with gradient clipping")
+        path = self._write(weights) if self.accelerator.is_main_process else None
+        self.accelerator.wait_for_everyone()  # a process that goes on (or ends the run) finds the checkpoint on disk
+        return path
+
+    def _write(self, weights: dict[str, dict[str, torch.Tensor]]) -> Path:
         state = {"step": self.global_step, "ema_updates": self.ema.updates if self.ema else 0,
                  "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()}}
@@ -278,9 +316,21 @@ class Trainer:
             shutil.rmtree(p, ignore_errors=True)
         return path
 
+    def latest_checkpoint(self) -> Path | None:
+        """The run directory's newest checkpoint, the same on every process: a UserError on every process when
+        they see different ones (a run directory that is not one shared path on every node)."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if self.accelerator.num_processes > 1:
+            seen = gather_object([None if ckpt is None else str(ckpt)])  # one entry per process
+            if len(set(seen)) > 1:
+                raise UserError(f"--out={self.run_dir}: the {len(seen)} processes see different newest checkpoints "
+                                f"there (by rank: {seen}); on several nodes the run directory must be one shared "
+                                f"filesystem path (NFS, Lustre, ...) mounted at the same place on every node")
+        return ckpt
+
     def resume(self) -> bool:
         """Load the newest checkpoint of this run, if any; returns whether one was found."""
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = self.latest_checkpoint()
         if ckpt is None:
             return False
         names = ["model"] + (["raw"] if self.ema is not None else []) + list(self.models)[1:]
@@ -318,7 +368,7 @@ class Trainer:
                             f"(1 = stop at the first non-finite loss)")
         if cfg.resume:
             self.resume()
-        elif latest_checkpoint(self.run_dir) is not None:
+        elif self.latest_checkpoint() is not None:
             raise UserError(f"--out={self.run_dir} already holds checkpoints: pass --loop.resume=true to continue "
                             f"that run, or choose another --out")
         log = Logger(self.run_dir, self.accelerator.is_main_process, cfg.steps, self.global_step)
