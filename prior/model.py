@@ -193,7 +193,7 @@ class Prior(nn.Module):
     def _cached_forward(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """The decoder's forward for `tokens` at positions [cache.length, cache.length + m), reading and
         writing the cache."""
-        B, m = tokens.shape  # batch, new positions
+        m = tokens.shape[1]  # new positions
         start, end = cache.length, cache.length + m
         if end > self.cfg.seq_len:
             raise ValueError(f"sequence would grow to {end} > seq_len {self.cfg.seq_len}")

@@ -289,15 +289,16 @@ class DecodeStep:
         self.position.add_(1)
 
     def capture(self) -> None:
-        """Warm `run` up on a side stream, capture it into a CUDA graph, and reset the state."""
-        with self.autocast:
-            stream = torch.cuda.Stream(self.token.device)
-            stream.wait_stream(torch.cuda.current_stream(self.token.device))
+        """Warm `run` up on a side stream, capture it into a CUDA graph, and reset the state. The warm-up also
+        allocates the cache, outside the graph (allocated inside, its zero fill would be replayed every step)."""
+        with torch.cuda.device(self.token.device), self.autocast:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(self.WARMUP):
                     self.reset()
                     self.run()
-            torch.cuda.current_stream(self.token.device).wait_stream(stream)
+            torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.run()
@@ -309,7 +310,8 @@ class DecodeStep:
         if self.want_graph and self.graph is None:
             self.capture()
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.token.device):
+                self.graph.replay()
         else:
             self.run()
         self.taken += 1
