@@ -1,4 +1,5 @@
-"""Sampling throughput of one prior: our kv cache, no cache, and x-transformers' own `generate`.
+"""Sampling throughput of one prior: our kv cache (eager, and as a CUDA graph), no cache, and x-transformers' own
+`generate`.
 
 Run from the repository root:
 
@@ -6,7 +7,9 @@ Run from the repository root:
     python -m benchmarks.sampling --device cuda --size gpt-b      # bf16 autocast on GPU
 
 All rows decode the same randomly initialised prior (timing does not depend on the weights) for
-`--batch` samples of `--seq-len` codes, with the same top-k filter, and report codes per second.
+`--batch` samples of `--seq-len` codes, with the same top-k filter, and report codes per second. The CUDA-graph row
+(`SampleSettings.cuda_graph`) replays one captured decode step per token on a GPU, capture included in its time; on
+the CPU the same static-buffer step runs eagerly.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from benchmarks.timer import time_rows
 
 try:
-    from prior import PRIOR_SIZES, PriorConfig, SampleSettings, build_prior, count_parameters, sample
+    from prior import PRIOR_SIZES, Prior, PriorConfig, SampleSettings, build_prior, count_parameters, sample
 except ModuleNotFoundError as err:  # run as a file, the repository root is not on sys.path
     raise SystemExit(f"{err}: run this from the repository root as `python -m benchmarks.sampling`") from err
 from x_transformers import AutoregressiveWrapper
@@ -42,6 +45,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+NO_CACHE, CACHE, GRAPH, XT = ("ours, no cache", "ours, kv cache", "ours, kv cache + CUDA graph",
+                               "x-transformers generate (kv cache)")
+
+
+def autocast_for(device: torch.device):
+    """What pipelines.sample runs the prior under: bf16 autocast on CUDA, nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def decoders(prior: Prior, batch: int, num_tokens: int, top_k: int,
+             cfg_scales: tuple[float, ...] = ()) -> dict[str, Callable[[], torch.Tensor]]:
+    """The timed rows, each decoding `batch` samples of `num_tokens` codes (labels 0, 1, ... and seeds 0, 1, ...):
+    no cache, kv cache, kv cache + CUDA graph, x-transformers' generate, then the kv cache under each CFG scale."""
+    device = next(prior.parameters()).device
+    autocast = autocast_for(device)
+    labels = torch.arange(batch, device=device) % prior.cfg.num_classes
+    seeds = list(range(batch))
+    xt_wrapper = AutoregressiveWrapper(prior.net)
+    prompts = prior.prefix(labels, batch)  # (B, 1) class prefix tokens
+
+    def run_ours(**settings) -> Callable[[], torch.Tensor]:
+        settings = SampleSettings(top_k=top_k, **settings)
+
+        def go() -> torch.Tensor:
+            with autocast:
+                return sample(prior, labels, num_tokens, settings, seeds)
+
+        return go
+
+    def run_xt() -> torch.Tensor:
+        with torch.no_grad(), autocast:
+            return xt_wrapper.generate(prompts, num_tokens, temperature=1.0, filter_kwargs=dict(k=top_k),
+                                       cache_kv=True)
+
+    graph = GRAPH if device.type == "cuda" else "ours, kv cache, static step (the CUDA-graph path, eager on CPU)"
+    rows = {CACHE: run_ours(), NO_CACHE: run_ours(use_cache=False), graph: run_ours(cuda_graph=True), XT: run_xt}
+    for scale in cfg_scales:
+        rows[f"ours, kv cache, CFG {scale:g} (batch doubled)"] = run_ours(cfg_scale=scale)
+    return rows
+
+
 def main(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no GPU; use --device cpu")
@@ -51,34 +95,8 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cfg = PriorConfig(size=args.size, num_codes=args.num_codes, seq_len=args.seq_len, num_classes=args.num_classes)
     prior = build_prior(cfg).to(device).eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
     B, L = args.batch, args.seq_len
-    labels = torch.arange(B, device=device) % args.num_classes
-    seeds = list(range(B))
-    ours = SampleSettings(top_k=args.top_k)
-    xt_wrapper = AutoregressiveWrapper(prior.net)
-    prompts = prior.prefix(labels, B)  # (B, 1) class prefix tokens
-
-    def run_ours(use_cache: bool, cfg_scale: float = 1.0) -> Callable[[], torch.Tensor]:
-        settings = SampleSettings(top_k=ours.top_k, cfg_scale=cfg_scale, use_cache=use_cache)
-
-        def go() -> torch.Tensor:
-            with autocast:
-                return sample(prior, labels, L, settings, seeds)
-
-        return go
-
-    def run_xt() -> torch.Tensor:
-        with torch.no_grad(), autocast:
-            return xt_wrapper.generate(prompts, L, temperature=1.0, filter_kwargs=dict(k=args.top_k), cache_kv=True)
-
-    rows = {
-        "ours, kv cache": run_ours(use_cache=True),
-        "ours, no cache": run_ours(use_cache=False),
-        "x-transformers generate (kv cache)": run_xt,
-        "ours, kv cache, CFG 1.5 (batch doubled)": run_ours(use_cache=True, cfg_scale=1.5),
-    }
+    rows = decoders(prior, B, L, args.top_k, cfg_scales=(1.5,))
     # best wall time per row over --repeats rounds after a warm-up round; rows take turns within each round
     seconds = {name: t.best for name, t in time_rows(rows, device, args.repeats, warmup=1).items()}
 
@@ -88,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
           f"device {args.device}{gpu}, torch threads {torch.get_num_threads()}\n")
     print("| decoding | seconds | codes/s | vs no cache |")
     print("|---|---:|---:|---:|")
-    uncached = seconds["ours, no cache"]
+    uncached = seconds[NO_CACHE]
     for name, secs in seconds.items():
         print(f"| {name} | {secs:.2f} | {B * L / secs:,.0f} | {uncached / secs:.1f}x |")
     print(f"\ncommand: python -m benchmarks.sampling {shlex.join(sys.argv[1:])}")

@@ -18,6 +18,7 @@ import tempfile
 from itertools import count
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +28,12 @@ from pipelines import train_prior, train_tokenizer
 from pipelines.config import parse_config, to_dict
 from pipelines.device import resolve_device
 from pipelines.trainer import Trainer
+
+
+class Case(NamedTuple):
+    step: Callable[[], dict]  # one training step of the stage on a fixed synthetic batch
+    params: int  # parameters of the stage's main model
+    trainer: Trainer  # (its save() writes a real checkpoint of the stage)
 
 
 def stage_trainer(cfg, run_dir: Path, kind: str, device: torch.device) -> Trainer:
@@ -45,7 +52,8 @@ def tokenizer_case(args, device: torch.device, run_dir: Path):
     train_step = train_tokenizer.build_train_step(cfg, trainer)
     batch = SimpleNamespace(x=torch.rand(args.batch, 3, args.image, args.image, device=device) * 2 - 1)
     steps = count()
-    return lambda: train_step([batch], next(steps)), sum(p.numel() for p in trainer.unwrap("g").parameters())
+    return Case(lambda: train_step([batch], next(steps)), sum(p.numel() for p in trainer.unwrap("g").parameters()),
+                trainer)
 
 
 def prior_case(args, device: torch.device, run_dir: Path):
@@ -57,7 +65,8 @@ def prior_case(args, device: torch.device, run_dir: Path):
     batch = SimpleNamespace(tokens=torch.randint(args.codes, (args.prior_batch, args.seq), device=device),
                             labels=torch.randint(1000, (args.prior_batch,), device=device))
     steps = count()
-    return lambda: train_step([batch], next(steps)), sum(p.numel() for p in trainer.unwrap("prior").parameters())
+    return Case(lambda: train_step([batch], next(steps)), sum(p.numel() for p in trainer.unwrap("prior").parameters()),
+                trainer)
 
 
 def row(label: str, n_params: int, batch: int, timing, throughput: str) -> str:
@@ -84,11 +93,11 @@ def main() -> None:
           f"{torch.__version__}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}\n")
     print("| stage step | params | batch | step time | throughput | peak GPU memory |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:  # the trainers write their config.json there
-        step, n = tokenizer_case(args, device, Path(tmp) / "tokenizer")
+        step, n, _ = tokenizer_case(args, device, Path(tmp) / "tokenizer")
         t = time_call(step, device, repeats=args.steps, warmup=args.warmup)
         print(row(f"tokenizer {args.tokenizer_size}, {args.image}px, K={args.codes:,} (G+D step)", n, args.batch, t,
                   f"{args.batch / t.median:,.0f} img/s"), flush=True)
-        step, n = prior_case(args, device, Path(tmp) / "prior")
+        step, n, _ = prior_case(args, device, Path(tmp) / "prior")
         t = time_call(step, device, repeats=args.steps, warmup=args.warmup)
         print(row(f"prior {args.prior_size}, L={args.seq}, K={args.codes:,}", n, args.prior_batch, t,
                   f"{args.prior_batch * args.seq / t.median:,.0f} tokens/s"), flush=True)

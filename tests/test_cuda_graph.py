@@ -124,3 +124,31 @@ def test_cuda_graph_replays_the_static_step(autocast):
         torch.testing.assert_close(graph.logits, eager.logits)
         if not autocast:
             assert torch.equal(decode(prior, labels, L, SampleSettings(**kw), SEEDS).codes, graph.codes)
+
+
+def test_gpu_check_refuses_without_cuda_and_runs_every_part_on_the_cpu(capsys, monkeypatch):
+    """scripts/gpu_check (python -m benchmarks.gpu_check): one line and exit status 2 without a CUDA device; the
+    --device=cpu --tiny smoke run prints one table with every part's rows and no error."""
+    from pathlib import Path
+
+    from benchmarks import gpu_check
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check"
+    assert script.stat().st_mode & 0o111 and "python -m benchmarks.gpu_check" in script.read_text()
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gpu_check: no CUDA device")
+
+    assert gpu_check.main(["--device=cpu", "--tiny"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    start = lines.index("| part | setting | result | detail |")
+    rows = [line for line in lines[start + 2:] if line]
+    rows = rows[:-1]  # the closing "N s in all" line
+    assert all(r.startswith("| ") and r.endswith(" |") for r in rows), out  # one table, nothing printed inside it
+    parts = [r.split(" | ")[0].removeprefix("| ") for r in rows]
+    assert parts == ["train step"] * 2 + ["encode_shards"] + ["sampling"] * 8 + ["sampling check", "quantizer"], out
+    assert "error" not in out and "100.0% of codes equal" in out
+    assert all(r.split(" | ")[2].split()[0].replace(",", "").replace(".", "").isdigit() for r in rows[:-2]), out
