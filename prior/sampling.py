@@ -11,6 +11,10 @@ So sample b's codes depend only on (seed_b, label_b), never on its batch-mates o
 Precision: the caller may run the prior under bf16 autocast (pipelines/sample.py does on CUDA); the logits still
 come out of an fp32 head (`Prior.step`), and guidance, filters and the draw run in fp32 with autocast off, since CFG
 amplifies any rounding in cond - uncond by the guidance scale.
+
+Speed: with `use_cache` each step feeds one id per row through a preallocated cache (`Prior.step`); on a GPU that
+step is bound by launching its kernels from Python, so `cuda_graph` runs the same step as `DecodeStep`, a function
+of fixed-shape buffers that is captured once per `decode` call and replayed for every code.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ def decode(
     """Draw codes (B, L=num_tokens) with B = len(seeds); keep_logits also returns each step's guided logits.
 
     labels (B,) in [0, num_classes) or None (the null class; the start token of an unconditional prior).
+    settings.cuda_graph decodes with `DecodeStep` (a CUDA graph on a GPU, eager on the CPU) instead of the loop below.
     """
     if prior.training:
         raise RuntimeError("call prior.eval() before sampling: training mode turns on dropout and label dropout")
