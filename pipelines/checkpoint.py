@@ -118,7 +118,7 @@ def load_checkpoint(path: str | Path, names: tuple[str, ...] = ("model",),
     return config, weights
 
 
-UNSUPPORTED_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)")
+UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)|Unsupported operand \d+")  # what torch's weights-only unpickler refused
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -130,9 +130,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
                                  f"run resumes from it; start a new run (another --out, without --loop.resume)")
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = UNSUPPORTED_GLOBAL.search(str(e))
-        what = f"a `{found.group(1) or found.group(2)}` object" if found else "objects"
+    except pickle.UnpicklingError as e:  # torch's own message suggests weights_only=False: never pass that on
+        found = UNSUPPORTED.search(str(e))
+        what = (f"a reference to `{found.group(1)}`" if found and found.group(1) else
+                f"pickle instructions no state file holds ({found.group(0)})" if found else "other objects")
         raise UnsafeCheckpoint(f"{f} is refused (Weights only load failed: it pickles {what}, not only tensors and "
                                f"plain containers); nothing in it was run. A checkpoint written by this project "
                                f"never holds such objects: resume only from checkpoints you wrote") from None
