@@ -2,7 +2,7 @@
 
     clips = full_clips("runs/sd/strings", "val")                 # every val clip at its full length, float (1, T)
     metrics, recons = reconstruct_and_score(model, clips, rate, AudioEvalConfig(crepe_model="tiny"), device)
-    gen = generated_audio_metrics(samples_int16, labels, reference, ref_labels, classifier, tag, fidelity_cfg)
+    gen = generated_audio_metrics(gen_feats, gen_logits, labels, ref_feats, tag, fidelity_cfg)  # classifier outputs
 
 Reconstruction runs on whole utterances, not the 1-s training crops, as the paper's test set does (`evaluation_speech`
 uses full LibriTTS utterances): each clip is zero-padded at the end to a multiple of the hop, encoded and decoded
@@ -30,12 +30,13 @@ import torch
 
 from data.audio import read_audio
 from data.errors import UserError
-from data.reader import media_loader
 from data.shards import iter_shard_samples, list_shards, read_manifest
 from pipelines.metrics.audio import mel_distance, si_sdr, snr, stft_distance
 from pipelines.metrics.fid import FidelityConfig, metrics_from_features
 from pipelines.metrics.grids import recon_grid, write_png
+from pipelines.metrics.inputs import shard_batches
 from pipelines.metrics.reconstruction import codebook_usage, usage_metrics, usage_note
+from pipelines.metrics.shares import gather_objects, my_shards, process, reduce_sum
 from pipelines.metrics.speech import DEFAULT_METRICS, SpeechScores, speech_metrics
 from tokenizer.quantizers import CodebookUsage
 
@@ -88,30 +89,42 @@ PER_CLIP = {"snr": lambda x, y, rate: snr(x, y), "si_sdr": lambda x, y, rate: si
             "mel_distance": mel_distance, "stft_distance": lambda x, y, rate: stft_distance(x, y)}
 
 
-def score_clips(refs: list[torch.Tensor], recons: list[torch.Tensor], rate: int, cfg: AudioEvalConfig,
-                device="cpu") -> dict[str, float]:
-    """Means over clips of L1 and PER_CLIP, and the speech metrics with their counts and failures."""
+def score_clip(x: torch.Tensor, y: torch.Tensor, rate: int, cfg: AudioEvalConfig, device="cpu") -> dict:
+    """One clip pair (1, T): {"values": L1 and PER_CLIP, "speech": {metric: SpeechScores}, "frames": T}."""
+    a, b = x[None].float(), y[None].float()  # (1, 1, T)
+    values = {"recon_l1": float((a - b).abs().mean()), **{name: float(fn(a, b, rate)[0])
+                                                          for name, fn in PER_CLIP.items()}}
+    speech = speech_metrics(a, b, rate, tuple(cfg.speech_metrics), cfg.crepe_model, cfg.utmos_path or None,
+                            device) if cfg.speech_metrics else {}
+    return {"values": values, "speech": speech, "frames": x.shape[-1]}
+
+
+def summarise_clips(scored: list[dict], rate: int, cfg: AudioEvalConfig) -> dict[str, float]:
+    """Means over clips (`score_clip` results, in clip order) of L1 and PER_CLIP, and the speech metrics with their
+    counts and failures."""
     sums = {"recon_l1": 0.0, **{name: 0.0 for name in PER_CLIP}}
     speech = {name: SpeechScores() for name in cfg.speech_metrics}
-    for x, y in zip(refs, recons):
-        a, b = x[None].float(), y[None].float()  # (1, 1, T)
-        sums["recon_l1"] += float((a - b).abs().mean())
-        for name, fn in PER_CLIP.items():
-            sums[name] += float(fn(a, b, rate)[0])
-        if speech:
-            for name, scores in speech_metrics(a, b, rate, tuple(speech), cfg.crepe_model, cfg.utmos_path or None,
-                                               device).items():
-                speech[name].extend(scores)
-    n = max(1, len(refs))
+    for one in scored:
+        for name in sums:
+            sums[name] += one["values"][name]
+        for name, scores in one["speech"].items():
+            speech[name].extend(scores)
+    n = max(1, len(scored))
     metrics = {name: total / n for name, total in sums.items()}
     for name, scores in speech.items():
         summary = scores.summary(name)
         if not scores.count:  # no clip could be scored: counts only, never a NaN mean in metrics.json
             del summary[name]
         metrics.update(summary)
-    metrics["samples"] = float(len(refs))
-    metrics["seconds"] = float(sum(x.shape[-1] for x in refs) / rate)
+    metrics["samples"] = float(len(scored))
+    metrics["seconds"] = float(sum(one["frames"] for one in scored) / rate)
     return metrics
+
+
+def score_clips(refs: list[torch.Tensor], recons: list[torch.Tensor], rate: int, cfg: AudioEvalConfig,
+                device="cpu") -> dict[str, float]:
+    """Means over clips of L1 and PER_CLIP, and the speech metrics with their counts and failures."""
+    return summarise_clips([score_clip(x, y, rate, cfg, device) for x, y in zip(refs, recons)], rate, cfg)
 
 
 def failure_notes(prefix: str, metrics: dict[str, float]) -> list[str]:
@@ -120,56 +133,64 @@ def failure_notes(prefix: str, metrics: dict[str, float]) -> list[str]:
             for k, v in metrics.items() if k.endswith("_failures") and v and k.startswith(prefix)]
 
 
-def reconstruct_and_score(model, clips: list[Clip], rate: int, cfg: AudioEvalConfig, device
-                          ) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """recon/* over whole clips: the per-clip and speech metrics, utilisation on these tokens, the code rate."""
+def reconstruct_and_score(model, clips: list[Clip], rate: int, cfg: AudioEvalConfig, device, accelerator=None,
+                          keep: int = 8) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """recon/* over whole clips: the per-clip and speech metrics, utilisation on these tokens, the code rate; and the
+    reconstructions of the first `keep` clips. Under several processes each reconstructs and scores clips r, r + P,
+    ... (pipelines/metrics/shares.py) and every process gets the scores of all, in clip order."""
     model.eval()
     usage = CodebookUsage(model.quantizer.num_codes, device="cpu")
-    recons = []
-    for clip in clips:
-        x_hat, codes = reconstruct_clip(model, clip.x, device)
+    rank, count = process(accelerator)
+    scored = []  # (clip index, score_clip result, its reconstruction when among the first `keep`)
+    for i in range(rank, len(clips), count):
+        x_hat, codes = reconstruct_clip(model, clips[i].x, device)
         usage.update(codes)
-        recons.append(x_hat)
-    metrics = {**score_clips([c.x for c in clips], recons, rate, cfg, device), **usage_metrics(usage, ""),
+        scored.append((i, score_clip(clips[i].x, x_hat, rate, cfg, device), x_hat if i < keep else None))
+    usage.counts = reduce_sum(usage.counts, accelerator)
+    scored = sorted(gather_objects(scored, accelerator), key=lambda one: one[0])
+    metrics = {**summarise_clips([one for _, one, _ in scored], rate, cfg), **usage_metrics(usage, ""),
                "tokens_per_second": rate / model.downsample_factor,
                "bitrate_kbps": rate / model.downsample_factor * math.log2(usage.num_codes) / 1000}
-    return {f"recon/{name}": v for name, v in metrics.items()}, recons
+    return {f"recon/{name}": v for name, v in metrics.items()}, [x_hat for _, _, x_hat in scored[:keep]]
 
 
 def audio_reconstruction(model, data: str | Path, out: Path, cfg: AudioEvalConfig, usage_split: str, batch_size: int,
-                         device, split: str = "val") -> tuple[dict[str, float], list[str]]:
+                         device, split: str = "val", accelerator=None) -> tuple[dict[str, float], list[str]]:
     """What `evaluate` and `reconstruct` report for an audio tokenizer: recon/* over the whole clips of `split`,
-    usage/* over `usage_split` (the read crops, encoder only), notes, and `out`/recon.png."""
+    usage/* over `usage_split` (the read crops, encoder only), notes, and `out`/recon.png (by the main process).
+    Under several processes (`accelerator`) each takes its share of the clips and of the usage split's shards."""
     clips = full_clips(data, split, cfg.max_clips, cfg.seed)
-    metrics, recons = reconstruct_and_score(model, clips, read_manifest(data).spec.sample_rate, cfg, device)
+    metrics, recons = reconstruct_and_score(model, clips, read_manifest(data).spec.sample_rate, cfg, device,
+                                            accelerator)
     if usage_split:
-        metrics.update(codebook_usage(model, media_loader(data, usage_split, batch_size, train=False), device))
+        batches = (b for _, b in shard_batches(data, usage_split, batch_size, my_shards(data, usage_split,
+                                                                                      accelerator)))
+        metrics.update(codebook_usage(model, batches, device, accelerator=accelerator))
     notes = failure_notes("recon/", metrics)
     notes += [n for n in (usage_note(metrics, "recon/"), usage_note(metrics, "usage/")) if n]
     shown = clips[:8]
-    if shown:  # originals above their reconstructions, cut to the shortest shown clip
-        n = min(c.x.shape[-1] for c in shown)
+    if shown and (accelerator is None or accelerator.is_main_process):  # originals above their reconstructions,
+        n = min(c.x.shape[-1] for c in shown)                           # cut to the shortest shown clip
         write_png(recon_grid(torch.stack([c.x[..., :n] for c in shown]), torch.stack([r[..., :n] for r in recons[:8]]),
                              "audio"), Path(out) / "recon.png")
     return metrics, notes
 
 
-def generated_audio_metrics(samples: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
-                            classifier, tag: str, fidelity: FidelityConfig) -> tuple[dict[str, float], list[str]]:
+def generated_audio_metrics(gen_feats: torch.Tensor, gen_logits: torch.Tensor, labels: torch.Tensor,
+                            ref_feats: torch.Tensor, tag: str, fidelity: FidelityConfig
+                            ) -> tuple[dict[str, float], list[str]]:
     """gen/*: class accuracy, Inception-style score, and Fréchet distance / KID / precision-recall on the log-mel
-    classifier's features, of generated clips (int16 (N, 1, T)) against real clips of the train split."""
+    classifier's features (`extractors.classifier_outputs`) of generated clips against real clips of the train split:
+    generated features (N, D) and logits (N, classes) with the labels they were generated for, reference features."""
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-    from pipelines.metrics.extractors import classifier_outputs
-    gen_feats, gen_logits = classifier_outputs(classifier, samples)
-    ref_feats, _ = classifier_outputs(classifier, reference)
     result = metrics_from_features(gen_feats.double().numpy(), ref_feats.double().numpy(), tag, fidelity)
     metrics = {f"gen/{k.replace('fid_', 'fd_')}": v for k, v in result.metrics.items()}
-    splits = max(1, min(10, len(samples) // 10))  # at least 10 clips a split
+    splits = max(1, min(10, len(gen_feats) // 10))  # at least 10 clips a split
     isc = isc_features_to_metric(gen_logits.double(), splits=splits, rng_seed=fidelity.seed)
     metrics[f"gen/is_{tag}"], metrics[f"gen/is_std_{tag}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
     if (labels >= 0).all():
         metrics[f"gen/class_accuracy_{tag}"] = float((gen_logits.argmax(1) == labels).float().mean())
-    metrics[f"gen/n_{tag}"], metrics[f"gen/n_reference_{tag}"] = float(len(samples)), float(len(reference))
+    metrics[f"gen/n_{tag}"], metrics[f"gen/n_reference_{tag}"] = float(len(gen_feats)), float(len(ref_feats))
     notes = [f"gen/{n}" for n in result.notes]
     return metrics, notes

@@ -33,6 +33,7 @@ from pipelines.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoi
 from pipelines.config import from_dict, to_dict
 from pipelines.metrics.audio import fit_length
 from pipelines.metrics.fid import Extractor, registered_extractor
+from pipelines.metrics.inputs import from_integers
 
 CHECKPOINT_KIND = "domain-classifier"
 
@@ -59,7 +60,7 @@ class ClassifierConfig:
 def as_float(x: torch.Tensor, integers: torch.dtype, what: str) -> torch.Tensor:
     """The integers a file stores (uint8 pixels 0..255 | int16 samples) or floats -> float in [-1, 1]."""
     if x.dtype == integers:
-        return x.float() / 127.5 - 1 if integers == torch.uint8 else x.float() / 32768
+        return from_integers(x)
     if x.is_floating_point():
         return x.float()
     raise ValueError(f"extractors: expected {integers} or float [-1, 1] {what}, got {x.dtype}")

@@ -18,7 +18,9 @@ resize protocol); the file also records those fields and is refused if they disa
 identity for the exact reference pixels (e.g. media manifest sha256 + split + crop size + count); without it nothing
 is cached. KID and precision/recall reuse the cached features through torch-fidelity's own metric functions; FID is
 `frechet_distance` below (float64, scipy sqrtm). `torch_fidelity_metrics` runs the same comparison through
-`calculate_metrics` end to end, as a cross-check (see tests/test_fid.py).
+`calculate_metrics` end to end, as a cross-check (see tests/test_fid.py). `fidelity_of_shares` is compute_fidelity
+over several processes: each extracts the features of its share of the sets (pipelines/metrics/shares.py), the main
+process computes the metrics and alone reads and writes the cache.
 
 Small sets: FID needs >= 2 images per side (a covariance); the precision/recall neighbourhood becomes
 min(k, n1 - 1, n2 - 1). KID's subsets hold min(kid_subset_size, min(n1, n2) // 2) images: a subset as large as a
@@ -41,6 +43,7 @@ from torch.utils.data import Dataset
 from data.errors import UserError
 from data.files import atomic_path, sha256_file
 from pipelines.metrics.inception_weights import DEFAULT_INCEPTION_PATH, inception_command
+from pipelines.metrics.shares import Share, broadcast, map_rows
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-2015 FID Inception
 # The media whose samples the feature extractors (Inception, the domain classifier) and LPIPS take: RGB pictures,
@@ -213,23 +216,35 @@ def reference_cache_path(reference_id: str, extractor: Extractor, cfg: FidelityC
     return Path(cfg.cache_dir) / f"ref-{extractor.tag}-{key}.npz", meta
 
 
+def read_reference_cache(path: Path, meta: dict) -> np.ndarray | None:
+    """The cached reference features at `path` (None when there are none), refused if written for other `meta`."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        stored = json.loads(str(z["meta"]))
+        if stored != meta:
+            raise ValueError(f"{path} was written for {stored}, not {meta}; delete it and rerun.")
+        return z["features"]
+
+
+def write_reference_cache(path: Path, meta: dict, feats: np.ndarray) -> None:
+    mu, sigma = feature_statistics(feats)  # stored for readers that want FID only; raises below 2 images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, features=feats, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
+
+
 def reference_features(reference: torch.Tensor | Iterable[torch.Tensor], reference_id: str | None,
                        extractor: Extractor, cfg: FidelityConfig) -> tuple[np.ndarray, Path | None, bool]:
     """(features, cache path or None, cache hit). On a hit `reference` is never iterated."""
     if reference_id is None:
         return extract_features(reference, extractor, cfg), None, False
     path, meta = reference_cache_path(reference_id, extractor, cfg)
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            stored = json.loads(str(z["meta"]))
-            if stored != meta:
-                raise ValueError(f"{path} was written for {stored}, not {meta}; delete it and rerun.")
-            return z["features"], path, True
+    cached = read_reference_cache(path, meta)
+    if cached is not None:
+        return cached, path, True
     feats = extract_features(reference, extractor, cfg)
-    mu, sigma = feature_statistics(feats)  # stored for readers that want FID only; raises below 2 images
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        np.savez(tmp, features=feats, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta, sort_keys=True)))
+    write_reference_cache(path, meta, feats)
     return feats, path, False
 
 
@@ -290,6 +305,30 @@ def compute_fidelity(generated: torch.Tensor | Iterable[torch.Tensor],
     gen = extract_features(generated, extractor, cfg)
     result = metrics_from_features(gen, ref, extractor.tag, cfg)
     result.reference_cache, result.cache_hit = (str(cache) if cache else None), hit
+    return result
+
+
+def fidelity_of_shares(generated: Share, reference: Share, extractor: Extractor, cfg: FidelityConfig,
+                       reference_id: str, acc) -> FidelityResult | None:
+    """compute_fidelity over several processes (pipelines/metrics/shares.py): every process extracts the features of
+    its share of both sets, the main process gets them all in the sets' order and returns the metrics (None on the
+    others). The main process alone reads and writes the reference cache; on a hit no process extracts the
+    reference."""
+    def features(share: Share) -> np.ndarray:
+        return map_rows(lambda x: torch.from_numpy(extract_features(x, extractor, cfg)), share, acc).numpy()
+
+    main = acc is None or acc.is_main_process
+    path, meta = reference_cache_path(reference_id, extractor, cfg)
+    cached = read_reference_cache(path, meta) if main else None
+    hit = broadcast(cached is not None, acc)
+    ref = cached if hit else features(reference)
+    gen = features(generated)
+    if not main:
+        return None
+    if not hit:
+        write_reference_cache(path, meta, ref)
+    result = metrics_from_features(gen, ref, extractor.tag, cfg)
+    result.reference_cache, result.cache_hit = str(path), hit
     return result
 
 

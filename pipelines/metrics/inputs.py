@@ -1,14 +1,19 @@
 """What evaluation compares, read from disk: the files a sample manifest lists (by their file type) and a media split
-as uint8 images.
+as the integers its files store, whole or shard by shard.
 
     samples, labels, manifest = load_samples("runs/d/samples", data_manifest_sha)  # uint8 (N,3,H,W) | int16 (N,1,T)
     images, labels = load_split("runs/d/shards", "train", limit=500, seed=0)       # center crops, uint8
+    for shard, batch in shard_batches("runs/d/shards", "val", 64, shards=[0, 2]):  # eval-view MediaBatches
+
+A split is always read in one order, the one-process order: its shards in name order, each shard's samples in file
+order (what `data.reader.media_loader(train=False)` gives one process). These readers never split the shards over
+processes themselves (media_loader does, by RANK/WORLD_SIZE); pipelines/metrics/shares.py decides who reads what.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import soundfile
@@ -16,9 +21,9 @@ import torch
 from PIL import Image
 
 from data.errors import UserError
-from data.media import to_integers
-from data.shards import read_manifest
-from data.reader import MediaBatch, media_loader
+from data.media import decode, to_integers
+from data.reader import MediaBatch, _collate  # the reader's own batch type and collation
+from data.shards import MAKE_SHARDS_HINT, MANIFEST, ManifestError, iter_shard_samples, list_shards, read_manifest
 from pipelines.metrics.subsets import stratified_subset
 
 
@@ -38,9 +43,18 @@ def read_wav(path: Path) -> torch.Tensor:
 SAMPLE_READERS = {"png": read_png, "wav": read_wav}
 
 
-def load_samples(samples_dir: str | Path, data_manifest_sha: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(the files a sample manifest lists, stacked: uint8 (N, 3, H, W) | int16 (N, 1, T); labels (N,); the manifest),
-    refusing samples whose tokens came from another dataset."""
+def from_integers(x: torch.Tensor) -> torch.Tensor:
+    """The integers a file stores (uint8 pixels 0..255 | int16 samples) -> float32 in [-1, 1]; data.media.to_integers
+    gives the same integers back."""
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1
+    if x.dtype == torch.int16:
+        return x.float() / 32768
+    raise ValueError(f"inputs: expected uint8 pixels or int16 samples, got {x.dtype}")
+
+
+def sample_manifest(samples_dir: str | Path, data_manifest_sha: str) -> tuple[dict, list[dict]]:
+    """(a sample manifest, its per-sample records), refusing samples whose tokens came from another dataset."""
     path = Path(samples_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{path} not found: run `python -m pipelines.sample --out={samples_dir}` first")
@@ -50,30 +64,67 @@ def load_samples(samples_dir: str | Path, data_manifest_sha: str) -> tuple[torch
         raise UserError(f"{path}: these samples come from a prior trained on data with manifest sha256 {source}, "
                         f"but --data's manifest is {data_manifest_sha}: evaluate against the dataset the prior "
                         f"was trained on")
-    items = manifest["samples"] if manifest["version"] >= 2 else manifest["images"]  # version 1: png files only
+    return manifest, manifest["samples"] if manifest["version"] >= 2 else manifest["images"]  # 1: png files only
+
+
+def read_samples(samples_dir: str | Path, manifest: dict, items: Sequence[dict]) -> torch.Tensor:
+    """The files of `items` (records of `manifest`), stacked: uint8 (n, 3, H, W) | int16 (n, 1, T)."""
     read = SAMPLE_READERS[manifest.get("extension", "png")]
-    samples = torch.stack([read(Path(samples_dir) / item["path"]) for item in items])
-    return samples, torch.tensor([item.get("label", -1) for item in items]), manifest
+    return torch.stack([read(Path(samples_dir) / item["path"]) for item in items])
+
+
+def load_samples(samples_dir: str | Path, data_manifest_sha: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the files a sample manifest lists, stacked: uint8 (N, 3, H, W) | int16 (N, 1, T); labels (N,); the manifest),
+    refusing samples whose tokens came from another dataset."""
+    manifest, items = sample_manifest(samples_dir, data_manifest_sha)
+    return read_samples(samples_dir, manifest, items), sample_labels(items), manifest
+
+
+def sample_labels(items: Sequence[dict]) -> torch.Tensor:
+    return torch.tensor([item.get("label", -1) for item in items], dtype=torch.long)
+
+
+def shard_batches(data: str | Path, split: str, batch_size: int, shards: Iterable[int] | None = None
+                  ) -> Iterator[tuple[int, MediaBatch]]:
+    """(shard index, MediaBatch) over the listed shards of a split (all by default), eval view (center crops), each
+    shard's samples in file order. A batch never spans two shards, so a shard gives the same batches whichever
+    process reads it, and a model sees the same batch shapes."""
+    manifest = read_manifest(data)
+    paths = list_shards(data, split)
+    for index in range(len(paths)) if shards is None else shards:
+        batch = []
+        for key, fields in iter_shard_samples(paths[index]):
+            batch.append((decode(fields[manifest.field_name], manifest.spec, None), int(fields["cls"]), key))
+            if len(batch) == batch_size:
+                yield index, _collate(batch)
+                batch = []
+        if batch:
+            yield index, _collate(batch)
+
+
+def read_shards(data: str | Path, split: str, shards: Iterable[int] | None = None
+                ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(shard index, uint8 (n, 3, H, W) | int16 (n, 1, T), labels (n,)) per listed shard of a split (all by
+    default), center-cropped, as the files of the modality store them."""
+    spec = read_manifest(data).spec
+    parts: dict[int, tuple[list, list]] = {}
+    for index, batch in shard_batches(data, split, 256, shards):
+        xs, ys = parts.setdefault(index, ([], []))
+        xs.append(to_integers(batch.x, spec))
+        ys.append(batch.labels)
+    return [(index, torch.cat(xs), torch.cat(ys)) for index, (xs, ys) in parts.items()]
 
 
 def load_split(data: str, split: str, limit: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 (N, 3, H, W) | int16 (N, 1, T), labels (N,)) of a split, center-cropped, as the files of the modality
-    store them: exactly what evaluation compares against. With a limit: a class-stratified random subset of that many
-    (`stratified_subset`), not the first ones."""
-    spec = read_manifest(data).spec
-    xs, ys = [], []
-    for batch in media_loader(data, split, 256, train=False):
-        xs.append(to_integers(batch.x, spec))
-        ys.append(batch.labels)
-    x, y = torch.cat(xs), torch.cat(ys)
+    """(uint8 (N, 3, H, W) | int16 (N, 1, T), labels (N,)) of a whole split, center-cropped, as the files of the
+    modality store them: exactly what evaluation compares against. With a limit: a class-stratified random subset of
+    that many (`stratified_subset`), not the first ones."""
+    parts = read_shards(data, split)
+    if not parts:
+        raise ManifestError(f"{Path(data) / MANIFEST} has no {split!r} samples; raise --val_fraction or add files, "
+                            f"then {MAKE_SHARDS_HINT}")
+    x, y = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     if not limit or limit >= len(y):
         return x, y
     keep = stratified_subset(y, limit, seed)
     return x[keep], y[keep]
-
-
-def keep_labels(loader: Iterable[MediaBatch], labels: list[torch.Tensor]) -> Iterator[MediaBatch]:
-    """The loader's batches, unchanged, with their labels appended to `labels` (on_batch sees pixels only)."""
-    for batch in loader:
-        labels.append(batch.labels)
-        yield batch

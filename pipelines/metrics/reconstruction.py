@@ -23,6 +23,7 @@ import torch
 from pipelines.metrics.audio import snr
 from pipelines.metrics.grids import recon_grid, write_png
 from pipelines.metrics.image import from_model_range, psnr, ssim
+from pipelines.metrics.shares import reduce_sum
 from tokenizer.quantizers import CodebookUsage
 
 
@@ -104,11 +105,13 @@ def usage_note(metrics: dict[str, float], prefix: str) -> str | None:
 
 
 @torch.no_grad()
-def codebook_usage(model, loader, device, prefix: str = "usage/") -> dict[str, float]:
+def codebook_usage(model, loader, device, prefix: str = "usage/", accelerator=None) -> dict[str, float]:
     """Codebook usage over every sample of `loader` (MediaBatch), encoder and quantizer only: a pass over the train
-    split costs a fraction of a reconstruction pass and counts many more tokens than the val split holds."""
+    split costs a fraction of a reconstruction pass and counts many more tokens than the val split holds. Under
+    several processes (each `loader` a share of the split) the counts are summed across them."""
     model.eval()
     usage = CodebookUsage(model.quantizer.num_codes, device=device)
     for batch in loader:
         usage.update(model.encode(batch.x.to(device)))
+    usage.counts = reduce_sum(usage.counts, accelerator)
     return usage_metrics(usage, prefix)
