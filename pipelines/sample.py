@@ -3,18 +3,27 @@
     python -m pipelines.sample --prior=runs/digits/prior --tokenizer=runs/digits/tokenizer --out=runs/digits/samples
     python -m pipelines.sample ... --num_per_class=100 --classes=3,7 --settings.cfg_scale=2 --settings.top_k=100
     python -m pipelines.sample ... --num=64                  # unconditional: the null class (or a num_classes=0 prior)
+    accelerate launch -m pipelines.sample ...                # the plan split over processes (GPUs, or CPU processes)
 
-Writes out/media/{class}/{index:06d}.{png|wav} (no {class}/ when unconditional; wav: 16-bit PCM mono),
-out/grids/{class}.png (the first `grid_per_class` of each class; audio as log-magnitude spectrograms), out/grid.png
-(a row of `overview_cols` per class) and, last, out/manifest.json: both checkpoints + hashes, seed, every setting,
-the media spec, and per sample path, label, class, seed (audio also sample_rate, frames, seconds).
+Writes out/run.json first (the settings the files are made with), out/media/{class}/{index:06d}.{png|wav} (no
+{class}/ when unconditional; wav: 16-bit PCM mono), out/grids/{class}.png (the first `grid_per_class` of each class;
+audio as log-magnitude spectrograms), out/grid.png (a row of `overview_cols` per class) and, last, out/manifest.json:
+both checkpoints + hashes, seed, every setting, the media spec, and per sample path, label, class, seed (audio also
+sample_rate, frames, seconds).
 
-main: check the pair -> plan -> generate -> write (data.media.to_file_bytes) -> grids -> manifest. The file format
-(modality; the wav rate) is the media manifest's of the prior's tokens: `--data`, else the tokenizer's data, else
-the media timing their token manifest recorded.
+main: check the pair -> plan -> check/prepare out -> generate the pending decoder groups -> write
+(data.media.to_file_bytes) -> grids -> manifest. The file format (modality; the wav rate) is the media manifest's of
+the prior's tokens: `--data`, else the tokenizer's data, else the media timing their token manifest recorded.
 
 Sample i (in output order: class by class, in the order of `classes`) uses seed `seed + i`, and prior/sampling.py
 draws each sample's randomness from its own seed, so a sample does not depend on the batch size or its batch-mates.
+The decoder runs the fixed groups plan[g * decode_batch:(g + 1) * decode_batch] (its float rounding depends on the
+batch shape), so a group is the unit of work: process r of P makes the pending groups r, r + P, ... and every file
+has the bytes of a one-process run. Each file is written atomically; a rerun with the same settings (run.json;
+the number of processes and batch_size may differ) makes only the groups with a missing file, so a killed run
+(even SIGKILL) finishes with exactly the files an uninterrupted run writes. Other settings are refused, naming the
+setting, unless --overwrite=true. After every process finished, the main process alone draws the grids from the
+files and writes the manifest.
 The prior records which tokenizer made its training tokens (train_config.token_manifest); a tokenizer with another
 hash, K, quantizer or grid is refused, since its codes would mean different media.
 """
@@ -26,14 +35,16 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
+from accelerate import Accelerator
 
 from data.errors import UserError
-from data.files import sha256_file, write_bytes_atomic, write_text_atomic
+from data.files import TEMP_MARK, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
 from data.media import MediaSpec, modality_of, to_file_bytes
 from data.shards import MANIFEST, read_manifest
 from pipelines.checkpoint import (PRIOR_HINT, checkpoint_hash, load_config, load_prior, load_tokenizer,
@@ -42,10 +53,12 @@ from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
 from pipelines.device import resolve_device
 from pipelines.metrics.grids import class_grids, thumbnails, write_png
+from pipelines.metrics.inputs import SAMPLE_READERS, from_integers
 from prior import Prior, SampleSettings, sample
 
 SAMPLES_FORMAT = "simvq-samples"
 SAMPLES_VERSION = 2  # 2: files under media/ in the modality's format, listed as "samples"; 1: images/*.png, "images"
+RUN_SETTINGS = "run.json"  # written when a run starts: what decides the files' bytes (a rerun must match it)
 
 
 class IncompatibleCheckpoints(UserError, ValueError):
@@ -65,13 +78,13 @@ class SampleConfig:
     num_per_class: int = 10  # samples per class; an unconditional prior counts as one class
     num: int = 0  # > 0: that many unconditional samples (null class) instead of num_per_class per class
     classes: list[str] = field(default_factory=list)  # class names (or indices) to sample; empty = all
-    batch_size: int = 64  # samples per prior forward; does not change the samples
-    decode_batch: int = 64  # samples per decoder forward; fixed, so outputs never depend on batch_size (generate)
+    batch_size: int = 64  # samples per prior forward (per process); does not change the samples
+    decode_batch: int = 64  # samples per decoder forward; fixed, so outputs never depend on batch_size or processes
     seed: int = 0  # sample i uses seed + i
     grid_per_class: int = 64  # samples in each out/grids/{class}.png
     overview_cols: int = 10  # samples per class row in out/grid.png
-    overwrite: bool = False  # replace the samples of an earlier run in `out`
-    device: str = "auto"  # auto = cuda when available, else cpu; or e.g. cpu, cuda:1
+    overwrite: bool = False  # replace the samples in `out` (else a run with the same settings finishes them)
+    device: str = "auto"  # auto = this process's GPU when available, else cpu; or e.g. cpu, cuda:1
     settings: SampleSettings = field(default_factory=SampleSettings)  # temperature, top-k/p, min-p, CFG, kv cache
 
 
@@ -225,20 +238,59 @@ def generate(prior: Prior, tokenizer: torch.nn.Module, labels: torch.Tensor | No
                       for i in range(0, n, decode_batch)])  # (N, C, *S)
 
 
-def chunks(plan: list[Item], batch_size: int, decode_batch: int) -> list[list[Item]]:
-    """The plan cut at multiples of decode_batch, so every decoder group holds the same samples for any batch_size."""
-    size = -(-max(batch_size, decode_batch) // decode_batch) * decode_batch
-    return [plan[i:i + size] for i in range(0, len(plan), size)]
+def pending_groups(plan: list[Item], out: Path, spec: MediaSpec, decode_batch: int) -> list[list[Item]]:
+    """The decoder groups plan[i:i + decode_batch] with a sample file missing. A group is the unit of work: its
+    samples' bytes depend on the group they are decoded in, so a group with a missing file is made whole again."""
+    groups = [plan[i:i + decode_batch] for i in range(0, len(plan), decode_batch)]
+    return [g for g in groups if not all((out / item_path(item, spec)).is_file() for item in g)]
+
+
+def chunks(groups: list[list[Item]], batch_size: int, decode_batch: int) -> list[list[Item]]:
+    """Whole decoder groups joined into chunks of at least batch_size samples (the prior's batches): within a chunk
+    `generate` decodes the same groups, since only the plan's last group can be short and it comes last."""
+    per_chunk = -(-max(batch_size, decode_batch) // decode_batch)
+    return [[item for g in groups[i:i + per_chunk] for item in g] for i in range(0, len(groups), per_chunk)]
 
 
 # ---------------------------------------------------------------------------------------- write
-def prepare_out(out: Path, overwrite: bool) -> None:
-    if (out / "manifest.json").exists() and not overwrite:
-        raise SamplesExist(f"{out}/manifest.json exists: {out} already holds samples; pass --overwrite=true or "
-                           f"choose another --out")
-    (out / "manifest.json").unlink(missing_ok=True)  # from here on, an interrupted run leaves no manifest
-    for old in (out / "media", out / "images", out / "grids"):  # images/: SAMPLES_VERSION 1's folder
-        shutil.rmtree(old, ignore_errors=True)
+def setting_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """`name: recorded -> current` for every (nested, dotted) setting that differs."""
+    diffs = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += setting_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return diffs
+
+
+def check_out(out: Path, run: dict) -> None:
+    """Refuse an `out` holding samples of other settings, or of unknown ones. Read-only: every process raises alike."""
+    fix = "pass --overwrite=true to replace them, or choose another --out"
+    if (out / RUN_SETTINGS).is_file():
+        diffs = setting_differences(json.loads((out / RUN_SETTINGS).read_text()), run)
+        if diffs:
+            raise SamplesExist(f"{out} holds samples made with other settings ({'; '.join(diffs)}; recorded in "
+                               f"{out / RUN_SETTINGS}): rerun with those settings to finish them, or {fix}")
+    elif (out / "manifest.json").exists() or any(p.is_file() for p in (out / "media").rglob("*")):
+        raise SamplesExist(f"{out} already holds samples, made without {RUN_SETTINGS} (their settings are "
+                           f"unknown): {fix}")
+
+
+def prepare_out(out: Path, run: dict, overwrite: bool) -> None:
+    """Main process only: clear `out` on --overwrite, drop the manifest (from here on an interrupted run leaves
+    none) and the temp files of a killed writer, record the run's settings."""
+    if overwrite:
+        (out / RUN_SETTINGS).unlink(missing_ok=True)
+        for old in (out / "media", out / "images", out / "grids"):  # images/: SAMPLES_VERSION 1's folder
+            shutil.rmtree(old, ignore_errors=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    for temp in (out / "media").rglob(f".*{TEMP_MARK}*"):  # SIGKILL skips atomic_path's cleanup
+        temp.unlink()
+    if not (out / RUN_SETTINGS).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RUN_SETTINGS, run)
 
 
 def item_path(item: Item, spec: MediaSpec) -> Path:
@@ -246,29 +298,40 @@ def item_path(item: Item, spec: MediaSpec) -> Path:
     return folder / f"{item.index:06d}.{spec.extension}"
 
 
-def sample_timing(one: torch.Tensor, spec: MediaSpec) -> dict:
-    """What a user of an audio codec's outputs (DAC, Vocos, EnCodec) looks for beside a wav file: its rate, length in
-    samples and duration; nothing for an image."""
-    if spec.modality != "audio":
-        return {}
-    return {"sample_rate": spec.sample_rate, "frames": one.shape[-1], "seconds": one.shape[-1] / spec.sample_rate}
+def sample_record(item: Item, spec: MediaSpec, shape: Sequence[int]) -> dict:
+    """One sample in the manifest: path, label, class, seed; for audio also what a user of an audio codec's outputs
+    (DAC, Vocos, EnCodec) looks for beside a wav file: its rate, length in samples and duration."""
+    record = {"path": item_path(item, spec).as_posix(), "label": -1 if item.label is None else item.label,
+              "class": item.name, "seed": item.seed}
+    if spec.modality == "audio":
+        record.update(sample_rate=spec.sample_rate, frames=shape[-1], seconds=shape[-1] / spec.sample_rate)
+    return record
 
 
-def write_samples(out: Path, items: list[Item], x: torch.Tensor, spec: MediaSpec) -> list[dict]:
-    """One file per sample (x: (N, C, *S) in [-1, 1]) through the media registry's writer; their manifest records."""
-    records = []
+def write_samples(out: Path, items: list[Item], x: torch.Tensor, spec: MediaSpec) -> None:
+    """One file per sample (x: (N, C, *S) in [-1, 1]) through the media registry's writer, each written whole or not
+    at all; a file already there (a resumed group) is kept: it holds the same bytes."""
     for item, one in zip(items, x):
-        rel = item_path(item, spec)
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out / rel, to_file_bytes(one, spec))
-        records.append({"path": rel.as_posix(), "label": -1 if item.label is None else item.label,
-                        "class": item.name, "seed": item.seed, **sample_timing(one, spec)})
-    return records
+        path = out / item_path(item, spec)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, to_file_bytes(one, spec))
+
+
+def read_sample(out: Path, item: Item, spec: MediaSpec) -> torch.Tensor:
+    """A written sample back in [-1, 1], (C, *S): what its file stores."""
+    return from_integers(SAMPLE_READERS[spec.extension](out / item_path(item, spec)))
 
 
 # ---------------------------------------------------------------------------------------- grids
-def write_grids(out: Path, shown: dict[str | None, list[torch.Tensor]], cfg: SampleConfig) -> None:
-    """shown: class name (None: unconditional) -> its first thumbnails -> grids/{class}.png and grid.png."""
+def write_grids(out: Path, plan: list[Item], spec: MediaSpec, cfg: SampleConfig) -> None:
+    """grids/{class}.png and grid.png of each class's first samples, drawn from their files, so a resumed or sharded
+    run draws the grids of an uninterrupted one."""
+    keep = max(cfg.grid_per_class, cfg.overview_cols if cfg.num == 0 else cfg.overview_cols ** 2)
+    shown: dict[str | None, list[torch.Tensor]] = {}  # class name (None: unconditional) -> its first thumbnails
+    for item in plan:
+        if item.index < keep:
+            shown.setdefault(item.name, []).append(thumbnails(read_sample(out, item, spec)[None], spec.modality)[0])
     per_class, overview = class_grids(shown, cfg.grid_per_class, cfg.overview_cols, square=cfg.num > 0)
     for name, image in per_class.items():
         write_png(image, out / "grids" / f"{class_dirname(name)}.png")
@@ -276,8 +339,22 @@ def write_grids(out: Path, shown: dict[str | None, list[torch.Tensor]], cfg: Sam
 
 
 # ---------------------------------------------------------------------------------------- main
+def run_settings(cfg: SampleConfig, settings: SampleSettings, plan: list[Item], names: list[str], spec: MediaSpec,
+                 device: torch.device, prior_ckpt: Path, tokenizer_ckpt: Path) -> dict:
+    """What decides the files' bytes, recorded in run.json: a rerun finishes the run only with all of it equal. Not
+    batch_size and not the number of processes: they change no sample."""
+    return {"prior_weights_sha256": weights_sha256(prior_ckpt),
+            "tokenizer_weights_sha256": weights_sha256(tokenizer_ckpt),
+            "seed": cfg.seed, "num": cfg.num, "num_per_class": cfg.num_per_class,
+            "classes": [names[c] for c in resolve_classes(cfg.classes, names)] if plan[0].label is not None else [],
+            "decode_batch": cfg.decode_batch, "settings": to_dict(settings), "media": dataclasses.asdict(spec),
+            "device": device.type, "prior_precision": "bf16" if device.type == "cuda" else "fp32"}
+
+
 def main(cfg: SampleConfig) -> dict:
-    device = resolve_device(cfg.device)
+    # The Accelerator gives ranks and barriers only (cpu=True without CUDA, as in pipelines/encode_shards.py).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = resolve_device(cfg.device, accelerator.local_process_index)
     prior, prior_ckpt, prior_config = load_prior(cfg.prior, device)
     tokenizer, tokenizer_ckpt = load_tokenizer(cfg.tokenizer, device)
     recorded = check_pair(prior, prior_config, prior_ckpt, tokenizer_ckpt)
@@ -287,37 +364,60 @@ def main(cfg: SampleConfig) -> dict:
     plan = make_plan(cfg, prior.conditional, names)
     settings = guidance(cfg.settings, prior.conditional, prior_ckpt)
     out = Path(cfg.out)
-    prepare_out(out, cfg.overwrite)
+    run = json.loads(json.dumps(run_settings(cfg, settings, plan, names, spec, device, prior_ckpt, tokenizer_ckpt)))
 
-    records, shown = [], {}  # shown: class name (or None) -> its first thumbnails, for the grids
-    keep = max(cfg.grid_per_class, cfg.overview_cols if cfg.num == 0 else cfg.overview_cols ** 2)
-    for chunk in chunks(plan, cfg.batch_size, cfg.decode_batch):
+    # the output directory: every process checks (read-only), then the main process prepares it
+    if not cfg.overwrite:
+        check_out(out, run)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_out(out, run, cfg.overwrite)
+    accelerator.wait_for_everyone()
+    pending = pending_groups(plan, out, spec, cfg.decode_batch)
+    accelerator.wait_for_everyone()  # everyone has listed before anyone writes, so pending[i::P] is one partition
+    mine = pending[accelerator.process_index::accelerator.num_processes]
+    todo = sum(len(g) for g in pending)
+    accelerator.print(f"sample: {todo} of {len(plan)} samples to make ({len(plan) - todo} already in {out}/media) on "
+                      f"{accelerator.num_processes} process(es), {device}")
+
+    start, made = time.perf_counter(), 0
+    for chunk in chunks(mine, cfg.batch_size, cfg.decode_batch):
         labels = None if chunk[0].label is None else torch.tensor([item.label for item in chunk])
         x = generate(prior, tokenizer, labels, settings, [item.seed for item in chunk], grid_shape,
                      batch_size=cfg.batch_size, decode_batch=cfg.decode_batch)  # (n, C, *S) in [-1, 1]
-        records += write_samples(out, chunk, x, spec)
-        for item, thumb in zip(chunk, thumbnails(x, spec.modality)):
-            if item.index < keep:
-                shown.setdefault(item.name, []).append(thumb)
-    write_grids(out, shown, cfg)
+        write_samples(out, chunk, x, spec)
+        made += len(chunk)
+    if mine:
+        print(f"sample[{accelerator.process_index}]: {made} samples in {time.perf_counter() - start:.1f}s", flush=True)
+    accelerator.wait_for_everyone()
 
-    manifest = {
-        "format": SAMPLES_FORMAT, "version": SAMPLES_VERSION,
-        "prior": {**identity(prior_ckpt), "step": prior_config.get("step")},
-        "tokenizer": identity(tokenizer_ckpt),
-        "source_manifest_sha256": recorded.get("source_manifest_sha256"),  # the media the prior's tokens came from
-        "seed": cfg.seed, "settings": to_dict(settings), "count": len(records),
-        "conditional": plan[0].label is not None, "num_per_class": cfg.num_per_class if cfg.num == 0 else 0,
-        "classes": [n for n in dict.fromkeys(item.name for item in plan) if n is not None],
-        "class_names": names, "grid": grid_shape, "shape": list(x.shape[1:]),  # one sample: (C, *S)
-        "modality": spec.modality, "extension": spec.extension, "media": dataclasses.asdict(spec),
-        "media_from": spec_source,
-        "device": str(device), "prior_precision": "bf16" if device.type == "cuda" else "fp32",
-        "token_manifest": recorded,
-        "samples": records,
-    }
-    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    print(f"wrote {len(records)} samples to {out}/media, {out}/grid.png and {out}/manifest.json")
+    # grids and manifest, last, by the main process from the files every process wrote
+    if accelerator.is_main_process:
+        missing = [item_path(item, spec) for item in plan if not (out / item_path(item, spec)).is_file()]
+        if missing:
+            raise RuntimeError(f"sample: {len(missing)} sample files missing after every process finished, e.g. "
+                               f"{out / missing[0]}")
+        shape = list(read_sample(out, plan[0], spec).shape)  # one sample: (C, *S)
+        write_grids(out, plan, spec, cfg)
+        manifest = {
+            "format": SAMPLES_FORMAT, "version": SAMPLES_VERSION,
+            "prior": {**identity(prior_ckpt), "step": prior_config.get("step")},
+            "tokenizer": identity(tokenizer_ckpt),
+            "source_manifest_sha256": recorded.get("source_manifest_sha256"),  # the media of the prior's tokens
+            "seed": cfg.seed, "settings": to_dict(settings), "count": len(plan),
+            "conditional": plan[0].label is not None, "num_per_class": cfg.num_per_class if cfg.num == 0 else 0,
+            "classes": [n for n in dict.fromkeys(item.name for item in plan) if n is not None],
+            "class_names": names, "grid": grid_shape, "shape": shape,
+            "modality": spec.modality, "extension": spec.extension, "media": dataclasses.asdict(spec),
+            "media_from": spec_source,
+            "device": str(device), "prior_precision": run["prior_precision"],
+            "token_manifest": recorded,
+            "samples": [sample_record(item, spec, shape) for item in plan],
+        }
+        write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        print(f"wrote {len(plan)} samples to {out}/media, {out}/grid.png and {out}/manifest.json")
+    accelerator.wait_for_everyone()
+    manifest = json.loads((out / "manifest.json").read_text())
     return {k: v for k, v in manifest.items() if k != "samples"}  # the per-sample list stays on disk
 
 
