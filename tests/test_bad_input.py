@@ -349,6 +349,59 @@ def test_resume_with_settings_of_another_model(corpus, tmp_path, capsys):
                                     f"--tokens={corpus.tokens}", f"--out={run_dir}", "--resume"], run_dir)
 
 
+# --------------------------------------------------------------------------------------------------- samples
+SAMPLES = ("pipelines/metrics/inputs.py sample_manifest / read_samples: the samples manifest is read without checks "
+           "(json.loads, manifest['samples'], format/version never compared with simvq-samples v2) and each listed "
+           "file is opened as given (a missing or truncated file is a FileNotFoundError/OSError traceback; a path "
+           "such as ../../x leaves the samples directory); check format and version, catch JSON and key errors, "
+           "require every path to resolve inside samples_dir, and raise UserError naming the file and `python -m "
+           "pipelines.sample`")
+
+
+def samples_manifest(d: Path):
+    return d / "manifest.json"
+
+
+SAMPLES_CASES = {  # id -> (edit(corpus, samples copy), known gap)
+    "a media directory as samples": (lambda c, d: shutil.copy(c.media / "manifest.json", samples_manifest(d)),
+                                     SAMPLES),
+    "manifest invalid JSON": (lambda c, d: samples_manifest(d).write_text("{"), SAMPLES),
+    "manifest version 3": (lambda c, d: edit_json(samples_manifest(d), lambda j: {**j, "version": 3}), SAMPLES),
+    "manifest without samples": (lambda c, d: edit_json(samples_manifest(d), lambda j: {
+        k: v for k, v in j.items() if k != "samples"}), SAMPLES),
+    "a listed file missing": (lambda c, d: sorted(d.glob("media/*/*.png"))[0].unlink(), SAMPLES),
+    "a truncated file": (lambda c, d: truncate(sorted(d.glob("media/*/*.png"))[0]), SAMPLES),
+    "a path outside the directory": (lambda c, d: edit_json(samples_manifest(d), lambda j: {
+        **j, "samples": [{**item, "path": "../../elsewhere.png"} for item in j["samples"]]}), SAMPLES),
+}
+
+
+@pytest.fixture(scope="module")
+def samples(corpus) -> Path:
+    from pipelines import sample
+    out = corpus.root / "samples"
+    run(sample.main, sample.SampleConfig, [f"--prior={corpus.prior}", f"--tokenizer={corpus.tok}", f"--out={out}",
+                                           f"--data={corpus.media}", "--device=cpu", "--num_per_class=1"])
+    return out
+
+
+def evaluate_argv(c: Corpus, samples_dir: Path, out: Path) -> list[str]:
+    return [f"--data={c.media}", f"--samples={samples_dir}", f"--out={out}", "--device=cpu", "--extractors=domain",
+            "--classifier_cfg.epochs=1", f"--fidelity.cache_dir={c.root / 'fid_cache'}"]
+
+
+@pytest.mark.parametrize("case", [pytest.param(k, marks=gap(r) if r else ()) for k, (_, r) in SAMPLES_CASES.items()])
+def test_damaged_samples(corpus, samples, tmp_path, capsys, case):
+    damaged = copy(samples, tmp_path / "samples")
+    SAMPLES_CASES[case][0](corpus, damaged)
+    refused(capsys, "evaluate", evaluate_argv(corpus, damaged, tmp_path / "eval"), damaged, "pipelines.sample")
+
+
+def test_evaluate_refuses_a_prior_as_its_tokenizer(corpus, tmp_path, capsys):
+    refused(capsys, "evaluate", [f"--data={corpus.media}", f"--tokenizer={corpus.prior}", f"--out={tmp_path / 'e'}",
+                                 "--device=cpu", "--extractors="], "holds a 'prior' checkpoint, not a tokenizer")
+
+
 # -------------------------------------------------------------------------------------------------- configs
 CONFIG_CASES = {  # id -> (stage, argv, TOML text or None, what the line must say)
     "toml typo": ("train_prior", [], "[loop]\nstepz = 3\n", "unknown config key loop.stepz"),
