@@ -255,7 +255,9 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path):
     (checkpoints / "step-000000003" / "config.json").write_text('{"kind": "test", "step": 3}')
     assert latest_checkpoint(tmp_path / "run").name == "step-000000001"
 
+    live = checkpoints / f".step-000000002{TEMP_MARK}{os.getppid()}"  # a writer that is still running: kept
+    live.mkdir()
     save_checkpoint(checkpoints / "step-000000002", config={"kind": "test", "step": 2},
                     weights={"model": {"w": torch.zeros(3)}}, state={"step": 2})
-    assert temps(checkpoints) == []  # the dead writer's temp directory is gone, nothing else of it remains
+    assert temps(checkpoints) == [live.name]  # the dead writer's temp directory is gone
     assert load_state(checkpoints / "step-000000002") == {"step": 2}
