@@ -45,9 +45,9 @@ import torch
 from accelerate import Accelerator
 
 from data.errors import UserError
-from data.files import sha256_file, write_text_atomic
+from data.files import write_text_atomic
 from data.media import to_uint8
-from data.shards import MANIFEST, MediaManifest, read_manifest
+from data.shards import MediaManifest, manifest_sha256, read_manifest
 from pipelines.checkpoint import load_tokenizer
 from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
@@ -356,7 +356,7 @@ def main(cfg: EvaluateConfig) -> dict[str, float]:
     data = read_manifest(cfg.data)
     if not cfg.domain_name:  # metric names follow the data (fid_digits), not a demo default
         cfg = dataclasses.replace(cfg, domain_name=data.dataset_name)
-    data_sha = sha256_file(Path(cfg.data) / MANIFEST)
+    data_sha = manifest_sha256(cfg.data)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     exts = image_extractors(cfg, data, data_sha, notes, acc)

@@ -11,13 +11,14 @@ under `recon/`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import UserError
 from data.files import write_text_atomic
 from data.reader import media_loader
-from data.shards import is_remote, read_manifest
+from data.shards import read_manifest
 from pipelines.checkpoint import load_tokenizer
 from pipelines.cli import run
 from pipelines.config import required, to_dict
@@ -42,9 +43,9 @@ def main(cfg: ReconstructConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
     modality = read_manifest(cfg.data).spec.modality
-    if modality == "audio" and is_remote(cfg.data):  # whole clips: pipelines/metrics/audio_eval.py reads local shards
-        raise UserError(f"--data={cfg.data}: audio reconstruction reads a local shard directory; copy the shards to a "
-                        "local folder and pass that")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its loaders would give each process a share it never combines
+        raise UserError("pipelines.reconstruct runs in one process; run it with `python -m`, or use "
+                        "`accelerate launch -m pipelines.evaluate`, which shares the work over processes")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if modality == "audio":

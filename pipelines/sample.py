@@ -44,9 +44,9 @@ import torch
 from accelerate import Accelerator
 
 from data.errors import UserError
-from data.files import TEMP_MARK, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
+from data.files import TEMP_MARK, write_bytes_atomic, write_json_atomic, write_text_atomic
 from data.media import MediaSpec, modality_of, to_file_bytes
-from data.shards import MANIFEST, read_manifest
+from data.shards import MANIFEST, file_url, is_remote, manifest_sha256, read_manifest
 from pipelines.checkpoint import (PRIOR_HINT, checkpoint_hash, load_config, load_prior, load_tokenizer,
                                   weights_sha256)
 from pipelines.cli import run
@@ -130,11 +130,11 @@ def media_spec(data: str, tokenizer_ckpt: Path, source_sha: str | None, timing: 
     rate), else the registry's defaults for the tokenizer's dims and channels (with a note)."""
     tok = load_config(tokenizer_ckpt)
     shards = data or tok.get("train_config", {}).get("data", "")
-    manifest = Path(shards) / MANIFEST
-    if shards and (data or manifest.is_file()):
+    manifest = file_url(shards, MANIFEST) if shards else ""
+    if shards and (data or is_remote(shards) or Path(manifest).is_file()):
         spec = read_manifest(shards).spec  # a --data without a manifest: ManifestError saying what to run
-        if sha256_file(manifest) == source_sha:
-            return spec, str(manifest)
+        if manifest_sha256(shards) == source_sha:
+            return spec, manifest
         if data:
             raise UserError(f"--data={data}: {manifest} is not the manifest the prior's tokens were made from "
                             f"(sha256 {source_sha}); pass those media shards")

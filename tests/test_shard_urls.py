@@ -170,3 +170,22 @@ def test_old_manifests_without_shard_names_read_the_same(served, tmp_path):
     (old / "train-000004.tar").unlink()  # the local check still applies to local directories
     with pytest.raises(ManifestError, match="lists 5 train shards but 4 exist"):
         read_manifest(old)
+
+
+def test_the_evaluation_readers_read_a_url_like_the_directory(served):
+    """What evaluate, sample and reconstruct read besides media_loader: whole splits (image pixels), whole audio clips
+    and the manifest hash that ties samples to their data."""
+    from helpers import tone_shards
+    from pipelines.metrics.audio_eval import full_clips
+    from pipelines.metrics.inputs import load_split
+    root, base = served
+    local = root / "media"
+    for name, url in locations(root, base).items():
+        for a, b in zip(load_split(str(local), "val"), load_split(url, "val")):
+            assert torch.equal(a, b), name
+    audio = tone_shards(root / "tones", per_class=2, rate=8_000, clip_seconds=0.25)
+    for url in (f"{base}/{audio.relative_to(root).as_posix()}", f"pipe:cat {audio}/{{}}"):
+        assert manifest_sha256(url) == manifest_sha256(audio)
+        got, want = full_clips(url, "val"), full_clips(audio, "val")
+        assert [c.key for c in got] == [c.key for c in want] and len(want) > 0
+        assert all(torch.equal(g.x, w.x) and g.label == w.label for g, w in zip(got, want))

@@ -30,7 +30,7 @@ import torch
 
 from data.audio import read_audio
 from data.errors import UserError
-from data.shards import iter_shard_samples, list_shards, read_manifest
+from data.shards import iter_shard_samples, read_manifest, shard_urls
 from pipelines.metrics.audio import mel_distance, si_sdr, snr, stft_distance
 from pipelines.metrics.fid import FidelityConfig, metrics_from_features
 from pipelines.metrics.grids import recon_grid, write_png
@@ -63,7 +63,7 @@ def full_clips(data: str | Path, split: str, limit: int = 0, seed: int = 0) -> l
     if manifest.spec.modality != "audio":
         raise UserError(f"{data} holds {manifest.spec.modality}, not audio")
     clips = []
-    for path in list_shards(data, split):
+    for path in shard_urls(data, manifest.shard_names.get(split, [])):
         for key, fields in iter_shard_samples(path):
             wav, rate = read_audio(fields[manifest.field_name])
             if rate != manifest.spec.sample_rate:

@@ -23,7 +23,7 @@ from PIL import Image
 from data.errors import UserError
 from data.media import decode, to_integers
 from data.reader import MediaBatch, _collate  # the reader's own batch type and collation
-from data.shards import MAKE_SHARDS_HINT, MANIFEST, ManifestError, iter_shard_samples, list_shards, read_manifest
+from data.shards import MAKE_SHARDS_HINT, MANIFEST, ManifestError, file_url, iter_shard_samples, read_manifest, shard_urls
 from pipelines.metrics.subsets import stratified_subset
 
 
@@ -90,7 +90,7 @@ def shard_batches(data: str | Path, split: str, batch_size: int, shards: Iterabl
     shard's samples in file order. A batch never spans two shards, so a shard gives the same batches whichever
     process reads it, and a model sees the same batch shapes."""
     manifest = read_manifest(data)
-    paths = list_shards(data, split)
+    paths = shard_urls(data, manifest.shard_names.get(split, []))
     for index in range(len(paths)) if shards is None else shards:
         batch = []
         for key, fields in iter_shard_samples(paths[index]):
@@ -121,7 +121,7 @@ def load_split(data: str, split: str, limit: int = 0, seed: int = 0) -> tuple[to
     that many (`stratified_subset`), not the first ones."""
     parts = read_shards(data, split)
     if not parts:
-        raise ManifestError(f"{Path(data) / MANIFEST} has no {split!r} samples; raise --val_fraction or add files, "
+        raise ManifestError(f"{file_url(data, MANIFEST)} has no {split!r} samples; raise --val_fraction or add files, "
                             f"then {MAKE_SHARDS_HINT}")
     x, y = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     if not limit or limit >= len(y):

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from data.shards import list_shards
+from data.shards import read_manifest
 from pipelines.metrics.inputs import read_samples, read_shards, sample_labels, sample_manifest
 
 
@@ -113,7 +113,7 @@ def place(parts: list[tuple[int, torch.Tensor]], acc) -> tuple[torch.Tensor, tor
 def my_shards(data: str | Path, split: str, acc) -> range:
     """The indices of the split's shards this process reads: r, r + P, ..."""
     rank, count = process(acc)
-    return range(rank, len(list_shards(data, split)), count)
+    return range(rank, len(read_manifest(data).shard_names.get(split, [])), count)
 
 
 def split_share(data: str | Path, split: str, acc) -> Share:
