@@ -70,7 +70,8 @@ def corpus(tmp_path_factory) -> Corpus:
                         weights={"model": build_tokenizer(cfg).state_dict()})
     run(encode_shards.main, encode_shards.EncodeShardsConfig,
         [f"--data={media}", f"--tokenizer={root / 'tok'}", f"--out={root / 'tokens'}", "--device=cpu"])
-    run(train_prior.main, train_prior.TrainPriorConfig, PRIOR + [f"--tokens={root / 'tokens'}", f"--out={root / 'prior'}"])
+    run(train_prior.main, train_prior.TrainPriorConfig,
+        PRIOR + [f"--tokens={root / 'tokens'}", f"--out={root / 'prior'}"])
     return Corpus(root, media, root / "tok", root / "tok2", root / "tokens", root / "prior")
 
 

