@@ -101,30 +101,33 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def time_case(table: Table, setting: str, make_case, items: int, unit: str, s: Sizes, device: torch.device):
+    """One train-step row: build the case quietly, time its step, write `items / step time` in `unit`; the case."""
+    with table.part("train step", setting):
+        with quiet():
+            case = make_case()
+        t = time_call(case.step, device, repeats=s.steps, warmup=s.warmup)
+        table.row("train step", setting, f"{items / t.median:,.0f} {unit}",
+                  f"{case.params / 1e6:.1f}M params, {t.median * 1e3:.0f} ms/step, peak memory {gib(t.peak_bytes)}")
+        return case
+
+
 def train_rows(table: Table, s: Sizes, device: torch.device, tmp: Path) -> Path | None:
     """The two stages' train steps; returns the tokenizer run directory with a saved checkpoint (for encode)."""
     args = SimpleNamespace(batch=s.batch, tokenizer_size=s.tokenizer, codes=s.codes, image=s.image,
                            prior_batch=s.prior_batch, prior_size=s.prior, seq=s.seq)
     tok_run = None
-    setting = f"tokenizer {s.tokenizer}, {s.image} px, K={s.codes:,}, G+D step, batch {s.batch}"
-    with table.part("train step", setting):
-        with quiet():
-            case = train_step.tokenizer_case(args, device, tmp / "tokenizer")
-        t = time_call(case.step, device, repeats=s.steps, warmup=s.warmup)
-        table.row("train step", setting, f"{s.batch / t.median:,.0f} images/s",
-                  f"{case.params / 1e6:.1f}M params, {t.median * 1e3:.0f} ms/step, peak memory {gib(t.peak_bytes)}")
-        case.trainer.save()
-        tok_run = tmp / "tokenizer"
+    case = time_case(table, f"tokenizer {s.tokenizer}, {s.image} px, K={s.codes:,}, G+D step, batch {s.batch}",
+                     lambda: train_step.tokenizer_case(args, device, tmp / "tokenizer"), s.batch, "images/s", s,
+                     device)
+    if case is not None:
+        with table.part("train step", "saving the tokenizer checkpoint (for encode_shards)"):
+            case.trainer.save()
+            tok_run = tmp / "tokenizer"
     case = None
     release(device)
-    setting = f"prior {s.prior}, L={s.seq}, K={s.codes:,}, batch {s.prior_batch}"
-    with table.part("train step", setting):
-        with quiet():
-            case = train_step.prior_case(args, device, tmp / "prior")
-        t = time_call(case.step, device, repeats=s.steps, warmup=s.warmup)
-        table.row("train step", setting, f"{s.prior_batch * s.seq / t.median:,.0f} tokens/s",
-                  f"{case.params / 1e6:.1f}M params, {t.median * 1e3:.0f} ms/step, peak memory {gib(t.peak_bytes)}")
-    case = None
+    time_case(table, f"prior {s.prior}, L={s.seq}, K={s.codes:,}, batch {s.prior_batch}",
+              lambda: train_step.prior_case(args, device, tmp / "prior"), s.prior_batch * s.seq, "tokens/s", s, device)
     release(device)
     return tok_run
 
