@@ -14,14 +14,15 @@ import itertools
 import random
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data.media import MediaSpec, decode
-from data.shards import MAKE_SHARDS_HINT, MANIFEST, ManifestError, file_url, read_manifest, shard_urls
+from data.shards import (MAKE_SHARDS_HINT, MANIFEST, ManifestError, damaged, file_url, iter_shard_samples,
+                         read_manifest, shard_urls)
 
 
 class MediaBatch(NamedTuple):
@@ -35,12 +36,35 @@ def _collate(samples: list[tuple[torch.Tensor, int, str]]) -> MediaBatch:
     return MediaBatch(torch.stack(xs), torch.tensor(labels, dtype=torch.long), list(keys))
 
 
-def _decode(sample: dict, spec: MediaSpec, field_name: str, rng: random.Random | None):
-    return decode(sample[field_name], spec, rng), int(sample["cls"]), sample["__key__"]
+def _tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
+    """webdataset's tarfile_to_samples as data.shards.iter_shard_samples reads them: {"__key__", "__url__", ext: bytes}
+    per sample of each {"url": ...}, and a damaged tar is a ManifestError naming the shard."""
+    for shard in shards:
+        for key, fields in iter_shard_samples(shard["url"]):
+            yield {**fields, "__key__": key, "__url__": shard["url"]}
 
 
-def _train_samples(urls: list[str], spec: MediaSpec, field_name: str, seed: int, epoch: int, buffer: int,
-                   batch_size: int, per_worker: int, skip_batches: int):
+def decode_sample(url: str, key: str, fields: dict, spec: MediaSpec, field_name: str, num_classes: int,
+                  rng: random.Random | None) -> tuple[torch.Tensor, int, str]:
+    """(x, label, key) of one shard sample; a sample that cannot be read (a member missing, a .cls that is no
+    integer or no index into the manifest's `num_classes` class names, bytes that do not decode) is a ManifestError
+    naming the shard and the key."""
+    try:
+        x, label = decode(fields[field_name], spec, rng), int(fields["cls"])
+    except (KeyError, ValueError) as exc:  # MediaError is a ValueError
+        raise damaged(url, key, exc) from None
+    if not -1 <= label < num_classes:  # -1: unlabelled
+        raise damaged(url, key, ValueError(f"label {label} is not an index into the manifest's {num_classes} "
+                                           "class_names"))
+    return x, label, key
+
+
+def _decode(sample: dict, spec: MediaSpec, field_name: str, num_classes: int, rng: random.Random | None):
+    return decode_sample(sample["__url__"], sample["__key__"], sample, spec, field_name, num_classes, rng)
+
+
+def _train_samples(urls: list[str], spec: MediaSpec, field_name: str, num_classes: int, seed: int, epoch: int,
+                   buffer: int, batch_size: int, per_worker: int, skip_batches: int):
     """One DataLoader worker's share of a training epoch: decoded samples for its batches.
 
     Global batch i of the epoch is made by logical worker i % W as its local batch i // W. The
@@ -52,18 +76,18 @@ def _train_samples(urls: list[str], spec: MediaSpec, field_name: str, seed: int,
     tag = f"{seed}/{epoch}/{rank}/{logical}"
     shard_rng = random.Random(f"shards/{tag}")
     shards = (dict(url=shard_rng.choice(urls)) for _ in itertools.count())  # resampled: endless, with replacement
-    samples = wds.tarfile_to_samples()(shards)
+    samples = _tar_samples(shards)
     samples = wds.shuffle(buffer, initial=buffer, rng=random.Random(f"shuffle/{tag}"))(samples)
     # Raw samples of skipped batches are drawn (to advance the shuffle) but not decoded; each crop has
     # its own seed from its position, so skipping costs no decode and changes no later crop.
     for index, sample in enumerate(itertools.islice(samples, per_worker * batch_size)):
         if index >= first * batch_size:
-            yield _decode(sample, spec, field_name, random.Random(f"crop/{tag}/{index}"))
+            yield _decode(sample, spec, field_name, num_classes, random.Random(f"crop/{tag}/{index}"))
 
 
-def _eval_samples(src, spec: MediaSpec, field_name: str):
+def _eval_samples(src, spec: MediaSpec, field_name: str, num_classes: int):
     for sample in src:
-        yield _decode(sample, spec, field_name, None)
+        yield _decode(sample, spec, field_name, num_classes, None)
 
 
 def media_loader(location: str | Path, split: str, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
@@ -90,11 +114,12 @@ def media_loader(location: str | Path, split: str, batch_size: int, train: bool,
     if not urls:
         raise ManifestError(f"{file_url(location, MANIFEST)} has no {split!r} samples (counts {manifest.counts}); "
                             f"raise --val_fraction or add files, then {MAKE_SHARDS_HINT}")
-    spec, field_name = manifest.spec, manifest.field_name
+    spec, field_name, num_classes = manifest.spec, manifest.field_name, len(manifest.class_names)
     generator = torch.Generator().manual_seed(seed)  # DataLoader draws a base seed; keep it off the global RNG
     if not train:
         pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-                                    wds.tarfile_to_samples(), partial(_eval_samples, spec=spec, field_name=field_name),
+                                    _tar_samples, partial(_eval_samples, spec=spec, field_name=field_name,
+                                                          num_classes=num_classes),
                                     wds.batched(batch_size, collation_fn=_collate, partial=True))
         return DataLoader(pipeline, batch_size=None, num_workers=num_workers, generator=generator)
     _, world_size, _, _ = wds.utils.pytorch_worker_info()
@@ -106,8 +131,8 @@ def media_loader(location: str | Path, split: str, batch_size: int, train: bool,
         raise ValueError(f"skip_batches={skip_batches} outside the epoch of {per_worker * workers} batches")
     # webdataset's resampled=True + with_epoch(n) done by hand: the per-worker sample count depends on
     # the worker's share of skip_batches, which with_epoch (one n for all workers) cannot express.
-    source = partial(_train_samples, urls, spec, field_name, seed, epoch, shuffle_buffer, batch_size, per_worker,
-                     skip_batches)
+    source = partial(_train_samples, urls, spec, field_name, num_classes, seed, epoch, shuffle_buffer, batch_size,
+                     per_worker, skip_batches)
     pipeline = wds.DataPipeline(source, wds.batched(batch_size, collation_fn=_collate, partial=False))
     return DataLoader(pipeline, batch_size=None, num_workers=num_workers, generator=generator)
 

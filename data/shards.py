@@ -57,10 +57,19 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 MAKE_SHARDS_HINT = ("run `python -m pipelines.make_shards --source=digits|photos|spoken-digits|spoken-digit-strings|"
                     "/path/to/folder --out=DIR` first")
+REMAKE_HINT = "re-create the shards (`python -m pipelines.make_shards ... --overwrite=true`)"
 
 
 class ManifestError(UserError, RuntimeError):
     """A shard directory whose manifest is missing, of another format/version, or incompatible."""
+
+
+def damaged(url: str, key: str | None, exc: Exception, hint: str = REMAKE_HINT) -> ManifestError:
+    """The error for a shard that is not a readable tar (`key` None) or one of its samples that cannot be read (a
+    member missing: KeyError; a .cls that is no integer, bytes that do not decode: ValueError / MediaError)."""
+    what = f"{url} is not a readable tar file" if key is None else f"{url}: sample {key!r} is damaged"
+    reason = f"no .{exc.args[0]} member" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+    return ManifestError(f"{what} ({reason}); {hint}")
 
 
 # ------------------------------------------------------------------------------------ bytes on disk
@@ -152,8 +161,7 @@ def names_per_split(counts: dict[str, int], names: dict[str, list[str]]) -> dict
     wrong = [f"{split} names {len(v)} shards, counts {counts.get(split, 0)}" for split, v in filled.items()
              if len(v) != counts.get(split, 0)]
     if wrong:
-        raise ManifestError(f"the manifest's shard names and counts disagree ({'; '.join(wrong)}): it is corrupt; "
-                            "re-create the shards")
+        raise ManifestError(f"its shard names and counts disagree ({'; '.join(wrong)})")  # the readers say where
     return filled
 
 
@@ -280,7 +288,11 @@ def read_manifest(location: str | Path) -> MediaManifest:
         d = d if isinstance(d, dict) else {}
         raise ManifestError(f"{where} has format {d.get('format')!r} version {d.get('version')!r}; this code reads "
                             f"{MEDIA_FORMAT!r} version {MEDIA_VERSION}: re-create the shards ({MAKE_SHARDS_HINT})")
-    manifest = MediaManifest.from_dict(d)
+    try:
+        manifest = MediaManifest.from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError, UserError) as e:  # missing/unknown fields, bad spec
+        reason = f"no {e.args[0]!r} field" if isinstance(e, KeyError) else str(e)
+        raise ManifestError(f"{where} is not a valid media manifest ({reason}); {REMAKE_HINT}") from None
     if not is_remote(location):
         for split in SPLITS:
             names, found = manifest.shard_names.get(split, []), len(list_shards(location, split))
@@ -288,6 +300,27 @@ def read_manifest(location: str | Path) -> MediaManifest:
                 raise ManifestError(f"{where} lists {len(names)} {split} shards but {found} exist in {location}; "
                                     f"the directory was modified: {MAKE_SHARDS_HINT}")
     return manifest
+
+
+def count_samples(path: str | Path, hint: str = REMAKE_HINT) -> int:
+    """Samples in a local shard: one `.cls` member each (tar headers only, the payloads are skipped)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return sum(1 for m in tar if m.isfile() and m.name.endswith(".cls"))
+    except (tarfile.TarError, EOFError) as exc:
+        raise damaged(str(path), None, exc, hint) from None
+
+
+def check_counts(location: str | Path, manifest: MediaManifest) -> None:
+    """For a local directory: the samples in each split's shards are the manifest's counts (a truncated shard, a
+    hand-edited manifest). Reads every tar header once (no payloads), so a stage calls it once, not per epoch."""
+    if is_remote(location):
+        return
+    for split in SPLITS:
+        found = sum(count_samples(file_url(location, name)) for name in manifest.shard_names.get(split, []))
+        if found != manifest.counts.get(split, 0):
+            raise ManifestError(f"{file_url(location, MANIFEST)} counts {manifest.counts.get(split, 0)} {split} "
+                                f"samples but its shards hold {found}; {REMAKE_HINT}")
 
 
 def manifest_sha256(location: str | Path) -> str:
@@ -388,23 +421,27 @@ def _relabel(out: Path, new_label: dict[int, int]) -> None:
                     tar.add(key, fields | {"cls": str(new_label.get(label, label)).encode()})
 
 
-def iter_shard_samples(path: str | Path) -> Iterable[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of one tar, in file order; a plain reader for tools and tests. `path` is a local
+def iter_shard_samples(path: str | Path, hint: str = REMAKE_HINT) -> Iterable[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of one tar, in file order; the reader of every stage. `path` is a local
     file or a URL from `shard_urls` (streamed through webdataset's `gopen`: curl for http(s), the shell for pipe:).
-    The key/extension split is webdataset's: extension = everything after the first '.' of the basename."""
+    The key/extension split is webdataset's: extension = everything after the first '.' of the basename.
+    A damaged tar (truncated, garbage, empty) is a ManifestError naming it, with `hint` as the fix."""
     key, fields = None, {}
-    with _open_tar(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            sample_key = f"{folder}/{stem}" if folder else stem
-            if key is not None and sample_key != key:
-                yield key, fields
-                fields = {}
-            key = sample_key
-            fields[ext] = tar.extractfile(member).read()
+    try:
+        with _open_tar(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                sample_key = f"{folder}/{stem}" if folder else stem
+                if key is not None and sample_key != key:
+                    yield key, fields
+                    fields = {}
+                key = sample_key
+                fields[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as exc:  # a local file (_open_tar reports a URL's errors itself)
+        raise damaged(str(path), None, exc, hint) from None
     if key is not None:
         yield key, fields
 
@@ -412,7 +449,7 @@ def iter_shard_samples(path: str | Path) -> Iterable[tuple[str, dict[str, bytes]
 @contextlib.contextmanager
 def _open_tar(path: str | Path) -> Iterator[tarfile.TarFile]:
     if not is_remote(path):
-        with tarfile.open(path, "r") as tar:
+        with tarfile.open(path, "r:") as tar:  # the shards are plain tars
             yield tar
         return
     stream = wds.gopen(str(path), "rb")

@@ -36,7 +36,7 @@ import torch
 from data.errors import UserError
 from data.files import atomic_path, write_json_atomic
 from data.media import MediaSpec
-from data.shards import (MANIFEST, SPLITS, AtomicTar, ManifestError, file_url, is_remote, iter_shard_samples,
+from data.shards import (MANIFEST, SPLITS, AtomicTar, ManifestError, damaged, file_url, is_remote, iter_shard_samples,
                          list_shards, names_per_split, read_file, shard_urls)
 
 TOKEN_FORMAT = "simvq-token-shards"
@@ -110,8 +110,7 @@ class TokenManifest:
         self.shard_names = names_per_split(self.shards, self.shard_names)
         expected = code_dtype(self.num_codes).name
         if self.dtype and self.dtype != expected:
-            raise ManifestError(f"token manifest says dtype {self.dtype} but K={self.num_codes} is stored as "
-                                f"{expected}; the manifest is corrupt: {ENCODE_HINT}")
+            raise ManifestError(f"it says dtype {self.dtype} but K={self.num_codes} is stored as {expected}")
         self.dtype = expected
         self.grid = [int(g) for g in self.grid]
 
@@ -156,7 +155,11 @@ def _load_manifest(location: str | Path) -> tuple[TokenManifest, str]:
         d = d if isinstance(d, dict) else {}
         raise ManifestError(f"{where} has format {d.get('format')!r} version {d.get('version')!r}, expected "
                             f"{TOKEN_FORMAT!r} version {TOKEN_VERSION}; {ENCODE_HINT}")
-    return TokenManifest(**d), hashlib.sha256(raw).hexdigest()
+    try:
+        manifest = TokenManifest(**d)
+    except (TypeError, ValueError, UserError) as e:  # missing/unknown fields, a grid of the wrong type, bad counts
+        raise ManifestError(f"{where} is not a valid token manifest ({e}); {ENCODE_HINT}") from None
+    return manifest, hashlib.sha256(raw).hexdigest()
 
 
 def media_timing(spec: MediaSpec, downsample_factor: int) -> dict:
@@ -220,15 +223,32 @@ def token_shard_urls(location: str | Path, manifest: TokenManifest, split: str) 
     return shard_urls(location, names)
 
 
-def _rows(urls: list[str], manifest: TokenManifest) -> Iterator[tuple[str, np.ndarray, int]]:
-    """(key, codes (L,) in the stored dtype, label) per sample of these shards, in order."""
-    dtype, length = np.dtype(manifest.dtype).newbyteorder("<"), manifest.seq_len
+def _shard_rows(urls: list[str], manifest: TokenManifest) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(keys, codes (n, L) in the stored dtype, labels (n,) int64) per shard, in order. A damaged tar or sample (no
+    .codes or .cls, a .cls that is no integer, codes of another length) and codes outside [0, K) are a ManifestError
+    naming the shard."""
+    dtype, length, num_codes = np.dtype(manifest.dtype).newbyteorder("<"), manifest.seq_len, manifest.num_codes
     for url in urls:
-        for key, fields in iter_shard_samples(url):
-            if len(fields.get("codes", b"")) != length * dtype.itemsize:
-                raise ManifestError(f"{url}: sample {key!r} has {len(fields.get('codes', b''))} code bytes, "
-                                    f"expected {length} x {dtype.itemsize} (grid {manifest.grid}); {ENCODE_HINT}")
-            yield key, np.frombuffer(fields["codes"], dtype=dtype), int(fields["cls"])
+        keys, raw, labels = [], [], []
+        for key, fields in iter_shard_samples(url, ENCODE_HINT):
+            try:
+                codes, label = fields["codes"], int(fields["cls"])
+            except (KeyError, ValueError) as exc:
+                raise damaged(url, key, exc, ENCODE_HINT) from None
+            if len(codes) != length * dtype.itemsize:
+                raise ManifestError(f"{url}: sample {key!r} has {len(codes)} code bytes, expected {length} x "
+                                    f"{dtype.itemsize} (grid {manifest.grid}); {ENCODE_HINT}")
+            keys.append(key)
+            raw.append(codes)
+            labels.append(label)
+        codes = np.frombuffer(b"".join(raw), dtype=dtype).reshape(len(keys), length)
+        # one vectorised check per shard: codes >= K would train silently (or crash inside the prior's embedding)
+        if codes.size and (codes.max() >= num_codes or (dtype.kind == "i" and codes.min() < 0)):
+            outside = (codes >= num_codes) | (codes < 0)
+            row = int(outside.any(1).argmax())
+            raise ManifestError(f"{url}: sample {keys[row]!r} has code {int(codes[row][outside[row]][0])}, outside "
+                                f"[0, {num_codes}) of the manifest's num_codes; {ENCODE_HINT}")
+        yield keys, codes, np.asarray(labels, dtype=np.int64)
 
 
 def _check_count(location: str | Path, split: str, found: int, expected: int) -> None:
@@ -241,15 +261,15 @@ def load_tokens(location: str | Path, split: str) -> TokenSet:
     """All samples of one split in memory, keys included (tools and tests; training maps `open_tokens` instead:
     ImageNet at 16x16 would be ~650 MB of codes plus its keys in every process)."""
     manifest = TokenManifest.load(location)
-    rows, labels, keys = [], [], []
-    for key, codes, label in _rows(token_shard_urls(location, manifest, split), manifest):
+    keys, rows, labels = [], [], []
+    for shard_keys, codes, shard_labels in _shard_rows(token_shard_urls(location, manifest, split), manifest):
+        keys += shard_keys
         rows.append(codes)
-        labels.append(label)
-        keys.append(key)
+        labels.append(shard_labels)
     _check_count(location, split, len(keys), manifest.counts.get(split, len(keys)))
     dtype = np.dtype(manifest.dtype).newbyteorder("<")
-    codes = np.stack(rows) if rows else np.zeros((0, manifest.seq_len), dtype)  # (N, L)
-    return TokenSet(codes, np.asarray(labels, dtype=np.int64), keys)
+    codes = np.concatenate(rows) if rows else np.zeros((0, manifest.seq_len), dtype)  # (N, L)
+    return TokenSet(codes, np.concatenate(labels) if labels else np.zeros(0, np.int64), keys)
 
 
 def open_tokens(location: str | Path, split: str, cache_dir: str | Path = "") -> TokenSet:
@@ -283,7 +303,8 @@ def open_tokens(location: str | Path, split: str, cache_dir: str | Path = "") ->
         for old in root.glob(f"{split}-*") if own else []:  # made from an earlier manifest of this directory
             if old != entry:  # (a process still mapping it keeps reading its files until it closes them)
                 shutil.rmtree(old, ignore_errors=True)
-    codes, labels = np.load(entry / "codes.npy", mmap_mode="r"), np.load(entry / "labels.npy", mmap_mode="r")
+    codes = np.load(entry / "codes.npy", mmap_mode="r", allow_pickle=False)
+    labels = np.load(entry / "labels.npy", mmap_mode="r", allow_pickle=False)
     if codes.shape != (manifest.counts.get(split, 0), manifest.seq_len) or labels.shape != codes.shape[:1]:
         raise ManifestError(f"{entry} holds codes {codes.shape}, labels {labels.shape}, not the {split} split of "
                             f"{location}: delete {entry} and rerun")
@@ -301,10 +322,11 @@ def _build_cache(entry: Path, urls: list[str], manifest: TokenManifest, split: s
         codes = np.lib.format.open_memmap(tmp / "codes.npy", "w+", dtype, (n, manifest.seq_len))
         labels = np.lib.format.open_memmap(tmp / "labels.npy", "w+", np.dtype("<i8"), (n,))
         found = 0
-        for _, row, label in _rows(urls, manifest):
-            if found < n:
-                codes[found], labels[found] = row, label
-            found += 1
+        for _, rows, shard_labels in _shard_rows(urls, manifest):
+            end = min(n, found + len(rows))
+            if found < end:
+                codes[found:end], labels[found:end] = rows[: end - found], shard_labels[: end - found]
+            found += len(rows)
         _check_count(location, split, found, n)
         codes.flush()
         labels.flush()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +40,10 @@ from accelerate import Accelerator
 
 from data.errors import UserError
 from data.files import write_json_atomic
-from data.media import decode
-from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, file_url, iter_shard_samples, list_shards,
-                         manifest_sha256, read_manifest, remove_temp_files)
-from data.tokens import (PendingShard, TokenManifest, TokenSample, media_timing, pending_token_shards,
+from data.reader import decode_sample
+from data.shards import (MANIFEST, SPLITS, ManifestError, MediaManifest, check_counts, count_samples, file_url,
+                         iter_shard_samples, list_shards, manifest_sha256, read_manifest, remove_temp_files)
+from data.tokens import (ENCODE_HINT, PendingShard, TokenManifest, TokenSample, media_timing, pending_token_shards,
                          write_token_shard)
 from pipelines.checkpoint import load_config, load_tokenizer, weights_sha256
 from pipelines.cli import run
@@ -112,10 +111,11 @@ def encode_shard(model, shard: PendingShard, media: MediaManifest, grid: tuple[i
                  device: torch.device, autocast: bool) -> int:
     """Encode one media shard into its token shard (atomic); returns the number of samples."""
 
-    def batches() -> Iterator[list[tuple[str, bytes, int]]]:
+    def batches() -> Iterator[list[tuple[torch.Tensor, int, str]]]:
         batch = []
         for key, fields in iter_shard_samples(shard.media_url):
-            batch.append((key, fields[media.field_name], int(fields["cls"])))
+            batch.append(decode_sample(shard.media_url, key, fields, media.spec, media.field_name,
+                                       len(media.class_names), rng=None))
             if len(batch) == batch_size:
                 yield batch
                 batch = []
@@ -124,19 +124,13 @@ def encode_shard(model, shard: PendingShard, media: MediaManifest, grid: tuple[i
 
     def samples() -> Iterator[TokenSample]:
         for batch in batches():
-            x = torch.stack([decode(raw, media.spec, rng=None) for _, raw, _ in batch]).to(device)  # (B, C, *S)
+            x = torch.stack([x for x, _, _ in batch]).to(device)  # (B, C, *S)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 codes = model.encode(x).cpu()  # (B, *grid) int64
-            for (key, _, label), c in zip(batch, codes):
+            for (_, label, key), c in zip(batch, codes):
                 yield TokenSample(key, c, label)
 
     return write_token_shard(shard.token_path, samples(), model.quantizer.num_codes, grid)
-
-
-def count_samples(path: Path) -> int:
-    """Samples in a token shard: one `.cls` member each (tar headers only, the code bytes are skipped)."""
-    with tarfile.open(path, "r") as tar:
-        return sum(1 for m in tar if m.isfile() and m.name.endswith(".cls"))
 
 
 def finish(out: Path, data: str, splits: tuple[str, ...], media: MediaManifest, identity: dict[str, str],
@@ -156,7 +150,7 @@ def finish(out: Path, data: str, splits: tuple[str, ...], media: MediaManifest, 
             raise ManifestError(f"{out}: {split} token shards do not match the media shards of {data} (missing "
                                 f"{missing[:3]}, extra {extra[:3]}); rerun `python -m pipelines.encode_shards "
                                 f"--data={data} --tokenizer={cfg.tokenizer} --out={out} --splits={','.join(SPLITS)}`")
-        counts[split] = sum(count_samples(p) for p in token_paths)
+        counts[split] = sum(count_samples(p, ENCODE_HINT) for p in token_paths)
         names[split] = media_names  # each token shard has its media shard's name
         if counts[split] != media.counts.get(split, 0):
             raise ManifestError(f"{out}: {counts[split]} {split} token samples but {file_url(data, MANIFEST)} lists "
@@ -184,6 +178,7 @@ def main(cfg: EncodeShardsConfig) -> TokenManifest:
 
     # setup: media manifest, tokenizer, and the identity the output directory must match
     media = read_manifest(data)
+    check_counts(data, media)  # a truncated shard or hand-edited counts: refused before encoding, not after
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
     tok_cfg = load_config(ckpt)["config"]
     spec = media.spec

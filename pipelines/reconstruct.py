@@ -18,7 +18,7 @@ from pathlib import Path
 from data.errors import UserError
 from data.files import write_text_atomic
 from data.reader import media_loader
-from data.shards import read_manifest
+from data.shards import check_counts, read_manifest
 from pipelines.checkpoint import load_tokenizer
 from pipelines.cli import run
 from pipelines.config import required, to_dict
@@ -42,7 +42,9 @@ class ReconstructConfig:
 def main(cfg: ReconstructConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     model, ckpt = load_tokenizer(cfg.tokenizer, device)
-    modality = read_manifest(cfg.data).spec.modality
+    manifest = read_manifest(cfg.data)
+    check_counts(cfg.data, manifest)
+    modality = manifest.spec.modality
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its loaders would give each process a share it never combines
         raise UserError("pipelines.reconstruct runs in one process; run it with `python -m`, or use "
                         "`accelerate launch -m pipelines.evaluate`, which shares the work over processes")

@@ -26,7 +26,7 @@ import torch
 
 from data.media import MediaSpec
 from data.reader import media_loader, resume_position
-from data.shards import read_manifest
+from data.shards import check_counts, read_manifest
 from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
 from pipelines.lpips_weights import lpips_for_losses
@@ -138,6 +138,7 @@ def main(cfg: TrainTokenizerConfig) -> dict[str, float]:
     check_names(cfg.model)
     manifest = read_manifest(cfg.data)
     check_media(cfg, manifest.spec)
+    check_counts(cfg.data, manifest)  # epoch_len and the resume position come from the counts
     trainer = Trainer(cfg.loop, cfg.out, kind="tokenizer", model_config=to_dict(cfg.model), full_config=to_dict(cfg))
     device = trainer.device
     audio = manifest.spec.modality == "audio"

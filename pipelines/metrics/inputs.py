@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from data.errors import UserError
-from data.media import decode, to_integers
-from data.reader import MediaBatch, _collate  # the reader's own batch type and collation
-from data.shards import MAKE_SHARDS_HINT, MANIFEST, ManifestError, file_url, iter_shard_samples, read_manifest, shard_urls
+from data.media import to_integers
+from data.reader import MediaBatch, _collate, decode_sample  # the reader's own batch type, collation, decoding
+from data.shards import (MAKE_SHARDS_HINT, MANIFEST, ManifestError, file_url, iter_shard_samples, read_manifest,
+                         shard_urls)
 from pipelines.metrics.subsets import stratified_subset
 
 
@@ -94,7 +95,8 @@ def shard_batches(data: str | Path, split: str, batch_size: int, shards: Iterabl
     for index in range(len(paths)) if shards is None else shards:
         batch = []
         for key, fields in iter_shard_samples(paths[index]):
-            batch.append((decode(fields[manifest.field_name], manifest.spec, None), int(fields["cls"]), key))
+            batch.append(decode_sample(paths[index], key, fields, manifest.spec, manifest.field_name,
+                                       len(manifest.class_names), None))
             if len(batch) == batch_size:
                 yield index, _collate(batch)
                 batch = []
