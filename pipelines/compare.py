@@ -20,9 +20,20 @@ ViSQOL) and are scored there by `reconstruct` on whole val clips; the prior trai
 spoken digits) and its samples are judged by the log-mel digit classifier. `--codecs=opus-6,codec2-1200` adds
 classical codec rows (pipelines.codec_baseline) measured on the same clips with the same metrics.
 
+Seeds and intervals: `--seeds=0,1,2` runs every row once per seed s (tokenizer and prior `loop.seed` = s, sample seed
+s x 1,000,000) into `<out>/<row>/seed-<s>/` (a given tokenizer's tokens and reconstruction, which no seed changes,
+once in `<out>/<row>/`); without seeds a row is one run in `<out>/<row>/` with the [stage] tables' seeds. Each cell is
+the mean over the seeds ± their standard deviation and the row's interval: one seed, the 95% bootstrap interval that
+evaluate / reconstruct / codec_baseline wrote (`<metric>/ci95_lo|hi`, resampling the generated samples or the scored
+clips); several seeds, the hull of mean ± 2 standard errors and the seeds' bootstrap intervals
+(pipelines/metrics/intervals.py). The best mean of a column is bold and a row whose interval is disjoint from the
+best's is marked †; nothing else is called a difference. Under the table a finding written from these numbers names
+the best tokenizer on reconstruction and on generation and says where they disagree and by how much. report.json
+keeps every run's own metrics (equal to its metrics.json) beside the row's mean, std and interval.
+
 Finished stages are reused: each stage leaves `<stage>.done.json` with the exact config it ran with; a rerun skips
 it when that config is unchanged, resumes an interrupted training run, and refuses when it changed (delete the stage
-directory or pick another --out).
+directory or pick another --out). Adding a seed or a preset runs only the new runs.
 """
 from __future__ import annotations
 
@@ -33,12 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data.errors import UserError
 from data.files import write_text_atomic
 from pipelines import codec_baseline, encode_shards, evaluate, reconstruct, sample, train_prior, train_tokenizer
 from pipelines.checkpoint import load_config, resolve_checkpoint
 from pipelines.cli import run
 from pipelines.config import ConfigError, from_dict, merge_config, required, to_dict
+from pipelines.metrics.intervals import disjoint, read_interval, seed_interval
 from tokenizer.quantizers import QUANTIZERS
 
 
@@ -47,6 +61,9 @@ class CompareConfig:
     data: str = required()  # labelled media shards (python -m pipelines.make_shards)
     out: str = "runs/compare"  # one sub-directory per preset, plus report.md and plots
     presets: tuple[str, ...] = ("simvq-1024", "simvq-8192", "simvq-65536", "vq-8192")  # <quantizer>-<K> each
+    # One run of every row per seed s (tokenizer and prior loop.seed = s, sample seed = s x 1,000,000) in
+    # <out>/<row>/seed-<s>/; () = one run with the [stage] tables' seeds in <out>/<row>/
+    seeds: tuple[int, ...] = ()
     tokenizer_data: str = ""  # media shards the tokenizers train and are reconstructed on; "" = data
     codecs: tuple[str, ...] = ()  # audio: classical codec rows, <codec>-<bitrate>: opus-6 (kbit/s), codec2-1200 (bit/s)
     title: str = "Tokenizer impact report"  # report heading
@@ -114,9 +131,25 @@ def run_stage(stage: str, stage_dir: Path, stage_cfg: Any) -> tuple[Any, float]:
     return result, seconds
 
 
-def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
+SEEDED = {"tokenizer", "prior", "sample"}  # the stages a seed of `seeds` sets (the others are deterministic)
+
+
+def with_seed(stage: str, stage_cfg: Any, seed: int | None) -> Any:
+    """The stage config with the run's seed: loop.seed for training, seed x 1,000,000 for sampling (sample i uses
+    seed + i, so seeds a million apart never share a sample seed); unchanged without one."""
+    if seed is None or stage not in SEEDED:
+        return stage_cfg
+    if stage == "sample":
+        return dataclasses.replace(stage_cfg, seed=seed * 1_000_000)
+    return dataclasses.replace(stage_cfg, loop=dataclasses.replace(stage_cfg.loop, seed=seed))
+
+
+def run_seed(cfg: CompareConfig, preset: str, seed: int | None) -> dict[str, Any]:
+    """One run of a row: its stages in <out>/<preset>/ (seed None) or <out>/<preset>/seed-<seed>/. A given tokenizer's
+    tokens and reconstruction do not depend on the seed and are shared by its seeds, in <out>/<preset>/."""
     given = cfg.tokenizers.get(preset)
-    root = Path(cfg.out) / preset
+    shared = Path(cfg.out) / preset
+    root = shared if seed is None else shared / f"seed-{seed}"
     if given:  # an existing tokenizer: its row skips tokenizer training
         tok_dir = resolve_checkpoint(given, hint="convert one with `python -m pipelines.import_official`")
         tok = load_config(tok_dir)["config"]
@@ -124,7 +157,9 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
     else:
         tok_dir = root / "tokenizer"
         quantizer, k = parse_preset(preset)
-    tokens_dir, prior_dir, samples_dir, eval_dir = root / "tokens", root / "prior", root / "samples", root / "eval"
+    tokens_dir = (shared if given else root) / "tokens"
+    recon_dir = (shared if given else root) / "recon"
+    prior_dir, samples_dir, eval_dir = root / "prior", root / "samples", root / "eval"
     tok_data = cfg.tokenizer_data or cfg.data
     stages = {  # stage -> (its directory, the settings compare decides)
         "tokenizer": (tok_dir, dict(data=tok_data, out=str(tok_dir), model={"quantizer": quantizer, "num_codes": k})),
@@ -138,19 +173,59 @@ def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
     if given:
         del stages["tokenizer"]
     if cfg.tokenizer_data:
-        stages["reconstruct"] = (root / "recon", dict(data=tok_data, tokenizer=str(tok_dir), out=str(root / "recon")))
-    row: dict[str, Any] = {"preset": preset, "quantizer": quantizer, "K": k, "seconds": {},
-                           "tokenizer": str(tok_dir) if given else None}
-    results = {}
+        stages["reconstruct"] = (recon_dir, dict(data=tok_data, tokenizer=str(tok_dir), out=str(recon_dir)))
+    results, seconds = {}, {}
     for stage, (directory, fixed) in stages.items():
-        results[stage], row["seconds"][stage] = run_stage(stage, directory, stage_config(cfg, stage, **fixed))
+        stage_cfg = with_seed(stage, stage_config(cfg, stage, **fixed), seed)
+        results[stage], seconds[stage] = run_stage(stage, directory, stage_cfg)
     recon = {key.replace("val/", "recon/", 1): v for key, v in results.get("reconstruct", {}).items()}
-    row["metrics"] = {**recon, **results["evaluate"], **{f"prior/{k2}": v for k2, v in (results["prior"] or {}).items()
-                                                         if k2.startswith("val/")}}
-    recon_dir = root / "recon" if cfg.tokenizer_data else eval_dir
-    row["grids"] = {"recon": str((recon_dir / "recon.png").relative_to(cfg.out)),
-                    "samples": str((samples_dir / "grid.png").relative_to(cfg.out))}
-    return row
+    metrics = {**recon, **results["evaluate"], **{f"prior/{k2}": v for k2, v in (results["prior"] or {}).items()
+                                                  if k2.startswith("val/")}}
+    shown = recon_dir if cfg.tokenizer_data else eval_dir
+    return {"seed": seed, "quantizer": quantizer, "K": k, "tokenizer": str(tok_dir) if given else None,
+            "metrics": metrics, "seconds": seconds,
+            "dirs": {stage: str(directory) for stage, (directory, _) in stages.items()},
+            "grids": {"recon": str((shown / "recon.png").relative_to(cfg.out)),
+                      "samples": str((samples_dir / "grid.png").relative_to(cfg.out))}}
+
+
+def run_preset(cfg: CompareConfig, preset: str) -> dict[str, Any]:
+    """A row: its runs (one per seed) and their aggregate."""
+    runs = [run_seed(cfg, preset, seed) for seed in (cfg.seeds or (None,))]
+    first = runs[0]
+    return aggregate({"preset": preset, "quantizer": first["quantizer"], "K": first["K"],
+                      "tokenizer": first["tokenizer"], "grids": first["grids"]}, runs)
+
+
+def is_interval_key(key: str) -> bool:
+    return key.endswith(("/ci95_lo", "/ci95_hi"))
+
+
+def aggregate(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`row` with its runs and, per metric every run has: `metrics` the mean over the runs, `std` the standard
+    deviation over them (2+ runs), `intervals` the row's interval (intervals.seed_interval); `seconds` per stage,
+    a stage directory shared by several runs counted once."""
+    keys = [k for k in runs[0]["metrics"] if not is_interval_key(k)
+            and all(isinstance(r["metrics"].get(k), (int, float)) for r in runs)]
+    metrics, std, intervals = {}, {}, {}
+    for k in keys:
+        values = [float(r["metrics"][k]) for r in runs]
+        metrics[k] = values[0] if len(values) == 1 else float(np.mean(values))
+        if len(values) > 1:
+            std[k] = float(np.std(values, ddof=1))
+        interval = seed_interval(values, [read_interval(r["metrics"], k) for r in runs])
+        if interval is not None:
+            intervals[k] = list(interval)
+    seconds: dict[str, float] = {}
+    counted = set()
+    for r in runs:
+        for stage, t in r["seconds"].items():
+            directory = r["dirs"][stage]
+            if directory not in counted:
+                seconds[stage] = seconds.get(stage, 0.0) + t
+                counted.add(directory)
+    return {**row, "seeds": [r["seed"] for r in runs], "metrics": metrics, "std": std, "intervals": intervals,
+            "seconds": seconds, "runs": runs}
 
 
 def run_codec(cfg: CompareConfig, name: str) -> dict[str, Any]:
@@ -159,8 +234,9 @@ def run_codec(cfg: CompareConfig, name: str) -> dict[str, Any]:
     directory = Path(cfg.out) / name
     fixed = dict(data=cfg.tokenizer_data or cfg.data, out=str(directory), codec=codec, bitrate=bitrate)
     result, seconds = run_stage("codec", directory, stage_config(cfg, "codec", **fixed))
-    return {"preset": name, "quantizer": codec, "K": None, "seconds": {"codec": seconds}, "tokenizer": None,
-            "codec": True, "metrics": result, "grids": {}}
+    run_ = {"seed": None, "metrics": result, "seconds": {"codec": seconds}, "dirs": {"codec": str(directory)}}
+    return aggregate({"preset": name, "quantizer": codec, "K": None, "tokenizer": None, "codec": True, "grids": {}},
+                     [run_])
 
 
 COLUMNS = [  # (header, metric key, format) of the headline table; every metric is in the full table below it
@@ -193,10 +269,6 @@ AUDIO_COLUMNS = [  # the audio rows' reconstruction headline (whole val clips), 
 ]
 
 
-def fmt(v: Any, spec: str = "{:.4g}") -> str:
-    return "–" if v is None else spec.format(v)
-
-
 def audio_tags(rows: list[dict]) -> list[str]:
     """Tags of the log-mel classifier metrics (gen/fd_<tag>) of audio rows."""
     return sorted({k.split("fd_", 1)[1] for r in rows for k in r["metrics"] if k.startswith("gen/fd_")})
@@ -206,10 +278,55 @@ def extractor_tags(rows: list[dict]) -> list[str]:
     return sorted({k.split("fid_", 1)[1] for r in rows for k in r["metrics"] if k.split("/")[-1].startswith("fid_")})
 
 
-def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
-    out = Path(cfg.out)
+# Which way is better, by a metric's name (its last path segment); other metrics (token counts, perplexity, the
+# prior's loss over vocabularies of different sizes, kbps) have no better direction and are never marked.
+HIGHER = ("utilisation", "psnr", "ssim", "precision_", "recall_", "f_score_", "class_accuracy", "is_", "pesq", "stoi",
+          "visqol", "vuv_f1", "si_sdr", "snr")
+LOWER = ("fid_", "kid_", "fd_", "mel_distance", "stft_distance", "recon_l1", "lpips")
+
+INTERVAL_RULE = ("Each cell is the mean over the row's seeds, ± their standard deviation with 2+ seeds, and [lo, hi] "
+                 "its interval: with one seed the 95% bootstrap interval over the generated samples (or over the "
+                 "clips, for per-clip audio metrics; pipelines/metrics/intervals.py); with several seeds the hull of "
+                 "mean ± 2 standard errors over the seeds and of every seed's bootstrap interval. **Bold**: the best "
+                 "mean of a column whose metric has a better direction; †: this row's interval and the bold row's "
+                 "are disjoint, a difference larger than both intervals. Overlapping intervals are never called a "
+                 "difference, and a metric without an interval (one seed, no bootstrap) is never marked †.")
+
+
+def direction(key: str) -> int:
+    """+1 higher is better, -1 lower is better, 0 neither (counts, spreads, sizes)."""
+    name = key.split("/")[-1]
+    if name.endswith(("_count", "_failures")) or name.startswith(("kid_std", "is_std", "kid_subset")):
+        return 0
+    return 1 if name.startswith(HIGHER) else -1 if name.startswith(LOWER) else 0
+
+
+def ranked(rows: list[dict], key: str) -> list[dict]:
+    """The rows holding `key`, best first; [] for a metric without a direction."""
+    sign = direction(key)
+    held = [r for r in rows if key in r["metrics"]]
+    return sorted(held, key=lambda r: -sign * r["metrics"][key]) if sign else []
+
+
+def cell(r: dict, key: str, spec: str, best: dict | None) -> str:
+    v = r["metrics"].get(key)
+    if v is None:
+        return "–"
+    text = spec.format(v)
+    if key in r["std"]:
+        text += " ± " + spec.format(r["std"][key])
+    interval = r["intervals"].get(key)
+    if interval:
+        text += f" [{spec.format(interval[0])}, {spec.format(interval[1])}]"
+    if best is r:
+        return f"**{text}**"
+    if best is not None and disjoint(interval, best["intervals"].get(key)):
+        text += " †"
+    return text
+
+
+def headline_columns(rows: list[dict], audio: bool) -> list[tuple[str, str, str]]:
     tags = extractor_tags(rows)
-    audio = any("recon/pesq_count" in r["metrics"] for r in rows)
     headline = [c for c in COLUMNS if not (audio and c[1] in ("recon/psnr", "recon/ssim"))]
     headline += AUDIO_COLUMNS if audio else []
     for t in audio_tags(rows):
@@ -221,25 +338,87 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
                      (f"recall {t}", f"gen/recall_{t}", "{:.2f}")]
     headline += [("class acc.", f"gen/class_accuracy_{t}", "{:.1%}") for t in tags
                  if any(f"gen/class_accuracy_{t}" in r["metrics"] for r in rows)]
-    headline += [("prior val loss", "prior/val/loss", "{:.3f}")]
+    return headline + [("prior val loss", "prior/val/loss", "{:.3f}")]
+
+
+def describe(order: list[dict], key: str, label: str, spec: str) -> str:
+    """One finding line: the best row of a ranking and which others are clearly (intervals disjoint) behind it."""
+    best = order[0]
+    value = lambda r: spec.format(r["metrics"][key])  # noqa: E731
+    clear = [r for r in order[1:] if disjoint(best["intervals"].get(key), r["intervals"].get(key))]
+    close = [r for r in order[1:] if r not in clear]
+    text = f"**{label}**: best {best['preset']} ({value(best)})"
+    if clear:
+        text += "; better by more than the intervals than " + ", ".join(f"{r['preset']} ({value(r)})" for r in clear)
+    if close:
+        text += "; not separable from " + ", ".join(f"{r['preset']} ({value(r)})" for r in close)
+    return text + "."
+
+
+def gap(a: dict, b: dict, key: str, spec: str) -> str:
+    """How far row a is from row b in one metric, and whether that exceeds their intervals."""
+    va, vb = a["metrics"][key], b["metrics"][key]
+    rel = f", {abs(va - vb) / abs(vb):.0%}" if vb else ""
+    beyond = disjoint(a["intervals"].get(key), b["intervals"].get(key))
+    return (f"{spec.format(va)} vs {spec.format(vb)} (a gap of {spec.format(abs(va - vb))}{rel}, "
+            f"{'larger than' if beyond else 'within'} their intervals)")
+
+
+def finding(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    """The written finding under the table, made from the numbers: the best tokenizer row on reconstruction (the
+    first headline rFID, else PESQ/PSNR) and on generation (the first gFID, else FD), and where they disagree."""
+    tokenizers = [r for r in rows if not r.get("codec")]
+    by_key = {key: (label, spec) for label, key, spec in columns}
+
+    def pick(prefix: str, preferred: tuple[str, ...]) -> str | None:
+        keys = [k for k in by_key if k.startswith(prefix) and k.split("/")[-1].startswith(preferred)]
+        return next((k for k in keys if len(ranked(tokenizers, k)) >= 2), None)
+
+    recon_key = pick("recon/", ("fid_",)) or pick("recon/", ("pesq", "psnr", "mel_distance"))
+    gen_key = pick("gen/", ("fid_", "fd_"))
+    lines = []
+    for key in (recon_key, gen_key):
+        if key:
+            lines.append("- " + describe(ranked(tokenizers, key), key, by_key[key][0], by_key[key][1]))
+    if recon_key and gen_key:
+        r_order, g_order = ranked(tokenizers, recon_key), ranked(tokenizers, gen_key)
+        rb, gb = r_order[0], g_order[0]
+        if rb is gb:
+            lines.append(f"- Reconstruction and generation agree: {rb['preset']} is best on both.")
+        elif rb in g_order and gb in r_order:
+            (rl, rs), (gl, gs) = by_key[recon_key], by_key[gen_key]
+            lines.append(
+                f"- They disagree: {rb['preset']}, best on {rl}, ranks {g_order.index(rb) + 1} of {len(g_order)} on "
+                f"{gl} ({gap(rb, gb, gen_key, gs)} for {gb['preset']}); {gb['preset']}, best on {gl}, ranks "
+                f"{r_order.index(gb) + 1} of {len(r_order)} on {rl} ({gap(gb, rb, recon_key, rs)}).")
+    return ["## Finding (written by compare from the numbers above)", "", *lines, ""] if lines else []
+
+
+def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
+    out = Path(cfg.out)
+    audio = any("recon/pesq_count" in r["metrics"] for r in rows)
+    headline = headline_columns(rows, audio)
     headers = ["preset", "K"] + [h for h, _, _ in headline] + ["wall time"]
     intro = AUDIO_INTRO.format(tokenizer_data=cfg.tokenizer_data or cfg.data) if audio else IMAGE_INTRO
+    seeds = f"Seeds: {', '.join(map(str, cfg.seeds))} (one run of every row per seed). " if cfg.seeds else ""
     lines = [f"# {cfg.title}", "",
              f"Data: `{cfg.data}`. Every number below was computed by `python -m pipelines.compare` in this run. "
-             + intro, "",
+             + intro, "", seeds + INTERVAL_RULE, "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    best = {key: (order[0] if len(order := ranked(rows, key)) >= 2 else None) for _, key, _ in headline}
     for r in rows:
-        m = r["metrics"]
         name = r["preset"] + (" (given)" if r.get("tokenizer") else "")
-        cells = [name, "–" if r["K"] is None else f"{r['K']:,}"] + [fmt(m.get(key), spec) for _, key, spec in headline]
+        cells = [name, "–" if r["K"] is None else f"{r['K']:,}"] + [cell(r, key, spec, best[key])
+                                                                    for _, key, spec in headline]
         cells.append(f"{sum(r['seconds'].values()):.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
     given = [r for r in rows if r.get("tokenizer")]
     if given:
         lines += ["", "(given): a tokenizer not trained by this run (`--tokenizers`): " + "; ".join(
             f"{r['preset']} = `{r['tokenizer']}`" for r in given) + "; its wall time excludes tokenizer training."]
-    lines += ["", "Wall time per stage (s): " + "; ".join(
+    lines += ["", "Wall time per stage (s, all seeds): " + "; ".join(
         f"{r['preset']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()) for r in rows), ""]
+    lines += finding(rows, headline)
     plot = plot_against_k(rows, out)
     if plot:
         lines += [f"![metrics vs K]({plot.name})", ""]
@@ -249,9 +428,9 @@ def write_report(cfg: CompareConfig, rows: list[dict]) -> Path:
         if r["grids"]:
             lines.append(f"| {r['preset']} | ![]({r['grids']['recon']}) | ![]({r['grids']['samples']}) |")
     keys = sorted({k for r in rows for k in r["metrics"]})
-    lines += ["", "## All metrics", "", "| metric | " + " | ".join(r["preset"] for r in rows) + " |",
-              "|---|" + "---|" * len(rows)]
-    lines += [f"| {k} | " + " | ".join(fmt(r["metrics"].get(k)) for r in rows) + " |" for k in keys]
+    lines += ["", "## All metrics (mean ± std over seeds [interval])", "",
+              "| metric | " + " | ".join(r["preset"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    lines += [f"| {k} | " + " | ".join(cell(r, k, "{:.4g}", None) for r in rows) + " |" for k in keys]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
     write_text_atomic(out / "report.json", json.dumps(rows, indent=2))
@@ -288,6 +467,8 @@ def main(cfg: CompareConfig) -> Path:
         parse_preset(p)
     for c in cfg.codecs:
         codec_baseline.parse_codec(c)
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"--seeds: {list(cfg.seeds)} repeats a seed; list each seed once")
     for name, path in cfg.tokenizers.items():
         if name in cfg.presets or "/" in name:
             raise ConfigError(f"--tokenizers: row name {name!r} is also a preset or holds '/'; pick another name")

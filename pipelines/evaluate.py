@@ -27,6 +27,11 @@ reconstructions). metrics.json records every setting: extractors and weight hash
 (`<gen|recon>/n_<tag>`, `<gen|recon>/n_reference_<tag>`) with per-class counts and the subset seed, the resize
 protocol, seeds and both checkpoints. Samples made from another dataset are refused.
 
+Intervals: every generation metric (FID/KID/precision/recall/F-score per extractor, class accuracy; for audio also
+the log-mel FD/KID/precision/recall) gets a 95% bootstrap interval over the generated samples, `<metric>/ci95_lo`
+and `<metric>/ci95_hi` (`--fidelity.bootstrap` resamples, seeded by `--fidelity.bootstrap_seed`; 0 = none), and
+each per-clip audio reconstruction metric one over the clips (`--audio.bootstrap`): pipelines/metrics/intervals.py.
+
 Several processes (`accelerate launch -m pipelines.evaluate ...`, GPUs or CPU processes): each reads its share of the
 sample files, of the val split (reconstruction, rFID, LPIPS) and of the train split (reference, codebook usage) and
 computes its features, reconstructions and per-clip scores (pipelines/metrics/shares.py); the main process gets them
@@ -59,6 +64,7 @@ from pipelines.metrics.extractors import (ClassifierConfig, classifier_extractor
 from pipelines.metrics.fid import (FIDELITY_MODALITIES, Extractor, FidelityConfig, fidelity_of_shares,
                                    inception_extractor)
 from pipelines.metrics.inputs import load_split, shard_batches
+from pipelines.metrics.intervals import interval_metrics, mean_interval
 from pipelines.metrics.reconstruction import codebook_usage, reconstruction_metrics, usage_note
 from pipelines.metrics.shares import (Share, broadcast, gather_rows, map_rows, my_shards, place, samples_share,
                                       split_share)
@@ -191,12 +197,16 @@ def fidelity(prefix: str, e: Extractor, generated: Share | tuple[torch.Tensor, t
     ri = stratified_subset(reference.labels, n, cfg.subset_seed)
     # The cache key names the reference pixels actually used: how many and which draw.
     reference_id = f"{reference_name}:n={len(ri)}:subset_seed={cfg.subset_seed}"
-    res = fidelity_of_shares(generated.subset(gi), reference.subset(ri), e, cfg.fidelity, reference_id, acc)
+    # bootstrap intervals for the generated samples only (a reconstruction's pairs are not independent draws)
+    fcfg = cfg.fidelity if prefix == "gen" else dataclasses.replace(cfg.fidelity, bootstrap=0)
+    res = fidelity_of_shares(generated.subset(gi), reference.subset(ri), e, fcfg, reference_id, acc)
     record = {"subset_seed": cfg.subset_seed, "generated": class_counts(generated.labels[gi], class_names),
               "reference": class_counts(reference.labels[ri], class_names), "reference_id": reference_id}
     if res is None:  # not the main process
         return {}, {**record, "notes": []}
     metrics = {f"{prefix}/{k}": v for k, v in res.metrics.items()}
+    for k, interval in res.intervals.items():
+        metrics.update(interval_metrics(f"{prefix}/{k}", interval))
     metrics[f"{prefix}/n_{e.tag}"] = float(res.n_generated)
     metrics[f"{prefix}/n_reference_{e.tag}"] = float(res.n_reference)
     if res.kid_subset_size:
@@ -291,7 +301,10 @@ def generated_images(cfg: EvaluateConfig, generated: Share, class_names: list[st
     if "classifier" in record and (generated.labels >= 0).all():
         clf, _ = load_classifier(record["classifier"]["path"])
         pred = map_rows(lambda x: classifier_outputs(clf, x)[1].argmax(1), generated, acc)
-        metrics[f"gen/class_accuracy_{cfg.domain_name}"] = float((pred == generated.labels).float().mean())
+        correct = (pred == generated.labels).double()
+        metrics[f"gen/class_accuracy_{cfg.domain_name}"] = float(correct.mean())
+        metrics.update(interval_metrics(f"gen/class_accuracy_{cfg.domain_name}", mean_interval(
+            correct.numpy(), cfg.fidelity.bootstrap, cfg.fidelity.bootstrap_seed)))
     return metrics, len(reference)
 
 

@@ -10,8 +10,10 @@ alone, and cut back. Per clip: L1, SNR, SI-SDR, DAC's multi-scale mel distance, 
 (pipelines/metrics/audio.py), and the speech metrics PESQ-wb, STOI, ViSQOL (speech mode), V/UV F1 (CREPE) and, given a
 local checkpoint, UTMOS (pipelines/metrics/speech.py). A speech metric that cannot score a clip (too short: PESQ,
 STOI and ViSQOL need >= 2 s; a library refusal) is counted in `<name>_failures` and left out of the mean, never
-averaged in as the official script's -1. The code rate: `tokens_per_second` = rate / hop, `bitrate_kbps` =
-tokens/s x log2 K / 1000, and utilisation over the val tokens.
+averaged in as the official script's -1. Each per-clip metric gets a 95% bootstrap interval of its mean over the
+clips it scored, `<name>/ci95_lo` / `<name>/ci95_hi` (`bootstrap` resamples; pipelines/metrics/intervals.py).
+The code rate: `tokens_per_second` = rate / hop, `bitrate_kbps` = tokens/s x log2 K / 1000, and utilisation over
+the val tokens.
 
 Generated clips (no Inception for audio): a log-mel classifier trained on the real train split
 (pipelines/metrics/extractors.py, modality "audio") gives the class accuracy (how often the class a clip was generated
@@ -35,6 +37,7 @@ from pipelines.metrics.audio import mel_distance, si_sdr, snr, stft_distance
 from pipelines.metrics.fid import FidelityConfig, metrics_from_features
 from pipelines.metrics.grids import recon_grid, write_png
 from pipelines.metrics.inputs import shard_batches
+from pipelines.metrics.intervals import interval_metrics, mean_interval
 from pipelines.metrics.reconstruction import codebook_usage, usage_metrics, usage_note
 from pipelines.metrics.shares import gather_objects, my_shards, process, reduce_sum
 from pipelines.metrics.speech import DEFAULT_METRICS, SpeechScores, speech_metrics
@@ -48,6 +51,8 @@ class AudioEvalConfig:
     utmos_path: str = ""  # local UTMOS TorchScript file; "" = no UTMOS (nothing is downloaded)
     max_clips: int = 0  # val clips reconstructed (a seeded random subset); 0 = all
     seed: int = 0  # the subset's seed
+    bootstrap: int = 200  # resamples of the clips for each per-clip metric's 95% interval of the mean; 0 = none
+    bootstrap_seed: int = 0  # seed of those resamples
 
 
 class Clip(NamedTuple):
@@ -111,11 +116,15 @@ def summarise_clips(scored: list[dict], rate: int, cfg: AudioEvalConfig) -> dict
             speech[name].extend(scores)
     n = max(1, len(scored))
     metrics = {name: total / n for name, total in sums.items()}
+    for name in sums:
+        metrics.update(interval_metrics(name, mean_interval([one["values"][name] for one in scored], cfg.bootstrap,
+                                                            cfg.bootstrap_seed)))
     for name, scores in speech.items():
         summary = scores.summary(name)
         if not scores.count:  # no clip could be scored: counts only, never a NaN mean in metrics.json
             del summary[name]
         metrics.update(summary)
+        metrics.update(interval_metrics(name, mean_interval(scores.values, cfg.bootstrap, cfg.bootstrap_seed)))
     metrics["samples"] = float(len(scored))
     metrics["seconds"] = float(sum(one["frames"] for one in scored) / rate)
     return metrics
@@ -186,11 +195,16 @@ def generated_audio_metrics(gen_feats: torch.Tensor, gen_logits: torch.Tensor, l
 
     result = metrics_from_features(gen_feats.double().numpy(), ref_feats.double().numpy(), tag, fidelity)
     metrics = {f"gen/{k.replace('fid_', 'fd_')}": v for k, v in result.metrics.items()}
+    for k, interval in result.intervals.items():
+        metrics.update(interval_metrics(f"gen/{k.replace('fid_', 'fd_')}", interval))
     splits = max(1, min(10, len(gen_feats) // 10))  # at least 10 clips a split
     isc = isc_features_to_metric(gen_logits.double(), splits=splits, rng_seed=fidelity.seed)
     metrics[f"gen/is_{tag}"], metrics[f"gen/is_std_{tag}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
     if (labels >= 0).all():
-        metrics[f"gen/class_accuracy_{tag}"] = float((gen_logits.argmax(1) == labels).float().mean())
+        correct = (gen_logits.argmax(1) == labels).double()
+        metrics[f"gen/class_accuracy_{tag}"] = float(correct.mean())
+        metrics.update(interval_metrics(f"gen/class_accuracy_{tag}", mean_interval(
+            correct.numpy(), fidelity.bootstrap, fidelity.bootstrap_seed)))
     metrics[f"gen/n_{tag}"], metrics[f"gen/n_reference_{tag}"] = float(len(gen_feats)), float(len(ref_feats))
     notes = [f"gen/{n}" for n in result.notes]
     return metrics, notes

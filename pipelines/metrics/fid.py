@@ -26,6 +26,9 @@ Small sets: FID needs >= 2 images per side (a covariance); the precision/recall 
 min(k, n1 - 1, n2 - 1). KID's subsets hold min(kid_subset_size, min(n1, n2) // 2) images: a subset as large as a
 whole set is the same set every time, and the reported spread would be ~0 whatever the data. Below KID_MIN_IMAGES
 images on a side no KID is reported; `FidelityResult.notes` says why. Values from few images are noisy, not wrong.
+
+Intervals: with `bootstrap` > 0, `FidelityResult.intervals` holds a 95% bootstrap interval of each metric, resampling
+the generated features (already extracted) against the fixed reference (pipelines/metrics/intervals.py).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from torch.utils.data import Dataset
 from data.errors import UserError
 from data.files import atomic_path, sha256_file
 from pipelines.metrics.inception_weights import DEFAULT_INCEPTION_PATH, inception_command
+from pipelines.metrics.intervals import fidelity_intervals
 from pipelines.metrics.shares import Share, broadcast, map_rows
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-2015 FID Inception
@@ -77,6 +81,8 @@ class FidelityConfig:
     kid_subset_size: int = 1000  # torch-fidelity's default; capped at half the smaller set (see module docstring)
     prc_neighborhood: int = 3    # k of the k-NN manifold radii (torch-fidelity's default); capped at n - 1
     seed: int = 2020             # KID subset sampling (torch-fidelity's default rng_seed)
+    bootstrap: int = 200         # resamples of the generated features for 95% intervals (intervals.py); 0 = none
+    bootstrap_seed: int = 0      # seed of those resamples
     cache_dir: str = "runs/fid_cache"  # where reference features are cached (.npz)
 
 
@@ -90,6 +96,7 @@ class FidelityResult:
     reference_cache: str | None  # the .npz holding the reference features, None when not cached
     cache_hit: bool
     notes: list[str] = field(default_factory=list)  # metrics asked for but not computed, and why
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> 95% bootstrap (lo, hi)
 
 
 def metric_tag(registry_name: str) -> str:
@@ -293,7 +300,8 @@ def metrics_from_features(gen: np.ndarray, ref: np.ndarray, tag: str, cfg: Fidel
         prc = prc_features_to_metric(torch.from_numpy(gen), torch.from_numpy(ref), prc_neighborhood=prc_k,
                                      verbose=False)
         out.update({f"{k}_{tag}": float(prc[k]) for k in ("precision", "recall", "f_score")})
-    return FidelityResult(out, n1, n2, kid_m, prc_k, None, False, notes)
+    intervals = fidelity_intervals(gen, ref, tag, kid_m, prc_k, cfg.bootstrap, cfg.bootstrap_seed, cfg.metrics, out)
+    return FidelityResult(out, n1, n2, kid_m, prc_k, None, False, notes, intervals)
 
 
 def compute_fidelity(generated: torch.Tensor | Iterable[torch.Tensor],
