@@ -102,7 +102,7 @@ def main() -> None:
           f"of codes ({time.perf_counter() - t0:.0f} s to write or find)")
     open_once = run("memory-mapped", directory, 1)  # builds the cache once, so the timed rows below only read it
     print(f"cache build (first open, one process): {open_once[0]['seconds']:.1f} s")
-    print(f"| reader | processes | private MiB per process | Pss MiB per process | total Pss MiB | epoch s |")
+    print(f"| reader | processes | private MiB per process | Pss MiB per process | total Pss MiB | open + epoch s |")
     print("|---|---|---|---|---|---|")
     for reader in ("in memory", "memory-mapped"):
         rows = run(reader, directory, args.processes)
