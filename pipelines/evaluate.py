@@ -301,10 +301,10 @@ def generated_images(cfg: EvaluateConfig, generated: Share, class_names: list[st
     if "classifier" in record and (generated.labels >= 0).all():
         clf, _ = load_classifier(record["classifier"]["path"])
         pred = map_rows(lambda x: classifier_outputs(clf, x)[1].argmax(1), generated, acc)
-        correct = (pred == generated.labels).double()
-        metrics[f"gen/class_accuracy_{cfg.domain_name}"] = float(correct.mean())
+        correct = pred == generated.labels
+        metrics[f"gen/class_accuracy_{cfg.domain_name}"] = float(correct.float().mean())
         metrics.update(interval_metrics(f"gen/class_accuracy_{cfg.domain_name}", mean_interval(
-            correct.numpy(), cfg.fidelity.bootstrap, cfg.fidelity.bootstrap_seed)))
+            correct.double().numpy(), cfg.fidelity.bootstrap, cfg.fidelity.bootstrap_seed)))
     return metrics, len(reference)
 
 

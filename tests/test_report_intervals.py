@@ -134,8 +134,9 @@ def seeded(digits_shards, tmp_path_factory):
     base["tokenizer"]["model"]["num_codes"] = 64
     base["tokenizer"]["loop"]["steps"] = 10
     base["prior"]["loop"]["steps"] = 10
-    base["sample"]["num_per_class"] = 3
-    base["evaluate"] = {"extractors": "domain", "fidelity": {"cache_dir": str(out / "fid_cache"), "bootstrap": 50}}
+    base["sample"]["num_per_class"] = 2
+    base["evaluate"] = {"extractors": "domain", "fidelity": {"cache_dir": str(out / "fid_cache"), "bootstrap": 50},
+                        "classifier_cfg": {"epochs": 1, "width": 4, "feature_dim": 8}}
     official = import_official.main(import_official.ImportOfficialConfig(
         ckpt=str(Path(__file__).parent / "fixtures" / "official_simvq" / "image_small_state.safetensors"),
         out=str(out / "official_tokenizer")))

@@ -201,10 +201,10 @@ def generated_audio_metrics(gen_feats: torch.Tensor, gen_logits: torch.Tensor, l
     isc = isc_features_to_metric(gen_logits.double(), splits=splits, rng_seed=fidelity.seed)
     metrics[f"gen/is_{tag}"], metrics[f"gen/is_std_{tag}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
     if (labels >= 0).all():
-        correct = (gen_logits.argmax(1) == labels).double()
-        metrics[f"gen/class_accuracy_{tag}"] = float(correct.mean())
+        correct = gen_logits.argmax(1) == labels
+        metrics[f"gen/class_accuracy_{tag}"] = float(correct.float().mean())
         metrics.update(interval_metrics(f"gen/class_accuracy_{tag}", mean_interval(
-            correct.numpy(), fidelity.bootstrap, fidelity.bootstrap_seed)))
+            correct.double().numpy(), fidelity.bootstrap, fidelity.bootstrap_seed)))
     metrics[f"gen/n_{tag}"], metrics[f"gen/n_reference_{tag}"] = float(len(gen_feats)), float(len(ref_feats))
     notes = [f"gen/{n}" for n in result.notes]
     return metrics, notes
