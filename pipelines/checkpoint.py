@@ -199,10 +199,14 @@ def model_config(ckpt: Path, config: dict, cls: type):
                             f"retrain with this one") from None
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], ckpt: Path, name: str = "model"
-                 ) -> None:
+SAME_SETTINGS = ("The files come from different checkpoints or settings: use the checkpoint directory as it was "
+                 "written, with the settings it was trained with")
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], ckpt: Path, name: str = "model",
+                 model_from: str = "its config.json describes", fix: str = SAME_SETTINGS) -> None:
     """`model.load_state_dict(state_dict)`, strict; a file that does not fit the model is a `BadCheckpoint` naming
-    the file and what differs (instead of torch's lists of every key)."""
+    the file, what differs (instead of torch's lists of every key), where the model came from and the fix."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -212,9 +216,8 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], ck
                 (("tensors missing", missing), ("unexpected tensors", unexpected),
                  ("tensors of another shape, file vs model", reshaped)) if found]
     if problems:
-        raise BadCheckpoint(f"{ckpt}/{name}.safetensors does not fit the model its config.json describes: "
-                            f"{'; '.join(problems)}. The files come from different checkpoints or settings: use "
-                            f"the checkpoint directory as it was written, with the settings it was trained with")
+        raise BadCheckpoint(f"{ckpt}/{name}.safetensors does not fit the model {model_from}: {'; '.join(problems)}. "
+                            f"{fix}")
     model.load_state_dict(state_dict)
 
 

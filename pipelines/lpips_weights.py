@@ -3,14 +3,22 @@
     lpips = build_lpips("weights/vgg16-397923af.pth", "weights/lpips_vgg_v0.1.pth")
     crit = TokenizerLosses(cfg.losses, lpips=lpips_for_losses(cfg.losses))   # None when perceptual/lpips is 0
 
-Both files are read with `torch.load(weights_only=True)` (or safetensors); nothing is downloaded at run time.
+Both files are read with `torch.load(weights_only=True)` (or safetensors); nothing is downloaded at run time. A file
+that loader refuses is a `WeightFileError` naming the setting (nothing in it runs).
 """
 
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from data.errors import UserError
 from tokenizer.losses import LPIPS, LossConfig, lpips_from_state_dicts
+
+
+class WeightFileError(UserError, ValueError):
+    """A weight file that the weights-only loader refuses (a pickle of other objects, a damaged or foreign file)."""
 
 
 def load_weight_file(path: str, setting: str) -> dict[str, torch.Tensor]:
@@ -23,10 +31,15 @@ def load_weight_file(path: str, setting: str) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"`{setting}`={path!r} does not exist; copy the file there or fix the setting")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(p))
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, SafetensorError) as e:  # nothing ran
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightFileError(f"`{setting}`={path}: not a weights-only state dict file ({reason}); point it at the "
+                              f"weight file itself (.pth or .safetensors)") from None
 
 
 def build_lpips(vgg16_path: str, lin_path: str) -> LPIPS:

@@ -27,7 +27,7 @@ from data.errors import MediaError, UserError
 from data.media import MediaSpec
 from data.shards import MediaManifest, write_media_shards
 from pipelines.cli import run
-from pipelines.config import required
+from pipelines.config import ConfigError, required
 
 DEFAULT_SIZE = {"digits": 16, "photos": 32}  # built-ins render small so the CPU demo stays quick
 FOLDER_DEFAULT_SIZE = 128  # the paper's ImageNet resolution
@@ -57,6 +57,14 @@ class MakeShardsConfig:
     shard_max_count: int = 1_000  # samples per shard at most
     shard_max_mb: int = 256  # payload MB per shard at most
     overwrite: bool = False  # replace an existing shard directory
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:  # 1 and above put every sample in val, leaving nothing to train on
+            raise ConfigError(f"--val_fraction={self.val_fraction}: it must be in [0, 1) (0.1 = a tenth of the "
+                              "samples in val)")
+        for key in ("shard_max_count", "shard_max_mb"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key}={getattr(self, key)}: it must be >= 1")
 
 
 def main(cfg: MakeShardsConfig) -> MediaManifest:

@@ -32,7 +32,7 @@ from data.shards import ManifestError
 from data.tokens import ENCODE_HINT, TokenLoader, TokenManifest, TokenSet, open_tokens
 from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
-from pipelines.trainer import LoopConfig, Trainer
+from pipelines.trainer import LoopConfig, Trainer, check_at_least_one
 from prior import PriorConfig, build_prior, count_parameters, next_code_loss
 
 # The PriorConfig fields the token manifest decides, and values that pass PriorConfig's checks until it does.
@@ -68,6 +68,9 @@ class TrainPriorConfig:
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(
         steps=2000, lr=3e-4, lr_schedule="cosine", warmup_steps=100, grad_clip=1.0, ema_decay=0.0,
         eval_every=250, ckpt_every=500))
+
+    def __post_init__(self) -> None:
+        check_at_least_one(batch_size=self.batch_size)
 
 
 def fill_from_manifest(cfg: TrainPriorConfig, manifest: TokenManifest) -> TrainPriorConfig:

@@ -31,7 +31,7 @@ from pipelines.cli import run
 from pipelines.config import ConfigError, required, to_dict
 from pipelines.lpips_weights import lpips_for_losses
 from pipelines.metrics.reconstruction import reconstruction_metrics
-from pipelines.trainer import LoopConfig, Trainer
+from pipelines.trainer import LoopConfig, Trainer, check_at_least_one
 from tokenizer import LossConfig, TokenizerConfig, TokenizerLosses, build_tokenizer, get_arch
 from tokenizer.losses import GAN_LOSSES
 from tokenizer.quantizers import QUANTIZERS, CodebookUsage
@@ -52,6 +52,9 @@ class TrainTokenizerConfig:
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=1e-4))
+
+    def __post_init__(self) -> None:
+        check_at_least_one(batch_size=self.batch_size)
 
 
 def check_names(model: TokenizerConfig) -> None:

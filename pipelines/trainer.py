@@ -24,8 +24,8 @@ plus `lr/<name>` and `grad_norm/<name>`.
 A non-finite total on any process (or a non-finite gradient norm, when clipping without an fp16 loss scaler) skips
 the step on every process: no optimiser, scheduler or EMA update, the gradients zeroed, a warning naming the step and
 the non-finite losses, `skipped/<name>` = 1 in the step's logs (which are then always written). After
-`max_nonfinite_steps` consecutive skips of one model the run stops with a FloatingPointError, and `save` refuses to
-write non-finite weights: no checkpoint ever holds them.
+`max_nonfinite_steps` consecutive skips of one model the run stops with `NonFiniteLoss` (a UserError, so one line
+naming the fix, and a FloatingPointError), and `save` refuses to write non-finite weights: no checkpoint holds them.
 
 Several processes (`accelerate launch` / `torchrun`, one or many nodes) run plain DDP: every process holds the whole
 model, gradients are all-reduced, and the main process (global rank 0) alone writes config.json, logs and checkpoints
@@ -60,7 +60,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.files import write_text_atomic
 from data.errors import UserError
-from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_state, save_checkpoint
+from pipelines.checkpoint import latest_checkpoint, load_checkpoint, load_state, load_weights, save_checkpoint
+from pipelines.config import ConfigError
 from pipelines.ema import EMA
 from pipelines.train_log import Logger
 from tokenizer.losses import weighted_sum
@@ -87,6 +88,24 @@ class LoopConfig:
     seed: int = 0  # everything random derives from this
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     resume: bool = False  # continue from the newest checkpoint in the run directory
+
+    def __post_init__(self) -> None:
+        check_at_least_one(**{f"loop.{k}": getattr(self, k)
+                              for k in ("steps", "grad_accum", "log_every", "eval_every", "ckpt_every")})
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--loop.lr={self.lr}: the learning rate must be a finite number > 0")
+
+
+def check_at_least_one(**settings: int) -> None:
+    """A ConfigError naming the first of `settings` (dotted key -> value) below 1 (a count or an interval)."""
+    for key, value in settings.items():
+        if value < 1:
+            raise ConfigError(f"--{key}={value}: it must be >= 1")
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """`loop.max_nonfinite_steps` consecutive steps of one model had a non-finite loss: the run stops (the settings
+    diverge; the newest checkpoint holds finite weights)."""
 
 
 def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
@@ -252,7 +271,7 @@ class Trainer:
         streak = self.nonfinite_streak[name] = self.nonfinite_streak.get(name, 0) + 1
         limit = self.cfg.max_nonfinite_steps
         if streak >= limit:
-            raise FloatingPointError(
+            raise NonFiniteLoss(
                 f"non-finite {name} loss at step {self.global_step}: {values}; lower --loop.lr or add "
                 f"--loop.warmup_steps / --loop.grad_clip / --loop.grad_clip_by_model, then rerun with "
                 f"--loop.resume=true (the newest checkpoint holds finite weights). {streak} consecutive steps of "
@@ -336,12 +355,21 @@ class Trainer:
         names = ["model"] + (["raw"] if self.ema is not None else []) + list(self.models)[1:]
         _, weights = load_checkpoint(ckpt, names=tuple(names))
         state = load_state(ckpt)
-        self.unwrap(self.main).load_state_dict(weights["raw" if self.ema is not None else "model"])
+
+        def load(model: nn.Module, name: str) -> None:  # the model this run's settings build: they may differ
+            try:
+                model.load_state_dict(weights[name])  # the module's own (some upgrade older checkpoints' keys)
+            except RuntimeError:  # torch lists every key: name the file and what differs instead
+                load_weights(model, weights[name], ckpt, name, model_from="these settings build",
+                             fix=f"resume {self.run_dir} with the settings it was started with (its config.json), "
+                             "or choose another --out")
+                raise
+        load(self.unwrap(self.main), "raw" if self.ema is not None else "model")
         if self.ema is not None:
-            self.ema.module.load_state_dict(weights["model"])
+            load(self.ema.module, "model")
             self.ema.updates = state["ema_updates"]
         for name in list(self.models)[1:]:
-            self.unwrap(name).load_state_dict(weights[name])
+            load(self.unwrap(name), name)
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
         for n, s in self.schedulers.items():

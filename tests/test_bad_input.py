@@ -319,10 +319,6 @@ def test_resume_from_a_damaged_checkpoint(corpus, tmp_path, capsys):
     refused(capsys, "train_prior", argv + [f"--out={run_dir}"], "state.pt not found", "without --loop.resume")
 
 
-@gap("pipelines/trainer.py Trainer.resume loads the weights with load_state_dict directly: resuming with settings that "
-     "build another model (--model.size=small on a tiny run) is a RuntimeError listing every key; load them with "
-     "pipelines.checkpoint.load_weights(model, state_dict, ckpt, name) (a BadCheckpoint naming the file and what "
-     "differs), or compare the run's config.json model settings with this run's first and name the differing keys")
 def test_resume_with_settings_of_another_model(corpus, tmp_path, capsys):
     run_dir = copy(corpus.prior, tmp_path / "run")
     refused(capsys, "train_prior", ["--model.size=small", "--batch_size=8", "--loop.steps=4",
@@ -330,29 +326,21 @@ def test_resume_with_settings_of_another_model(corpus, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------- samples
-SAMPLES = ("pipelines/metrics/inputs.py sample_manifest / read_samples: the samples manifest is read without checks "
-           "(json.loads, manifest['samples'], format/version never compared with simvq-samples v2) and each listed "
-           "file is opened as given (a missing or truncated file is a FileNotFoundError/OSError traceback; a path "
-           "such as ../../x leaves the samples directory); check format and version, catch JSON and key errors, "
-           "require every path to resolve inside samples_dir, and raise UserError naming the file and `python -m "
-           "pipelines.sample`")
-
-
 def samples_manifest(d: Path):
     return d / "manifest.json"
 
 
 SAMPLES_CASES = {  # id -> (edit(corpus, samples copy), known gap)
     "a media directory as samples": (lambda c, d: shutil.copy(c.media / "manifest.json", samples_manifest(d)),
-                                     SAMPLES),
-    "manifest invalid JSON": (lambda c, d: samples_manifest(d).write_text("{"), SAMPLES),
-    "manifest version 3": (lambda c, d: edit_json(samples_manifest(d), lambda j: {**j, "version": 3}), SAMPLES),
+                                     None),
+    "manifest invalid JSON": (lambda c, d: samples_manifest(d).write_text("{"), None),
+    "manifest version 3": (lambda c, d: edit_json(samples_manifest(d), lambda j: {**j, "version": 3}), None),
     "manifest without samples": (lambda c, d: edit_json(samples_manifest(d), lambda j: {
-        k: v for k, v in j.items() if k != "samples"}), SAMPLES),
-    "a listed file missing": (lambda c, d: sorted(d.glob("media/*/*.png"))[0].unlink(), SAMPLES),
-    "a truncated file": (lambda c, d: truncate(sorted(d.glob("media/*/*.png"))[0]), SAMPLES),
+        k: v for k, v in j.items() if k != "samples"}), None),
+    "a listed file missing": (lambda c, d: sorted(d.glob("media/*/*.png"))[0].unlink(), None),
+    "a truncated file": (lambda c, d: truncate(sorted(d.glob("media/*/*.png"))[0]), None),
     "a path outside the directory": (lambda c, d: edit_json(samples_manifest(d), lambda j: {
-        **j, "samples": [{**item, "path": "../../elsewhere.png"} for item in j["samples"]]}), SAMPLES),
+        **j, "samples": [{**item, "path": "../../elsewhere.png"} for item in j["samples"]]}), None),
 }
 
 
@@ -428,24 +416,14 @@ def test_mistyped_configs(corpus, tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
-LOOP_VALUES = ("pipelines/trainer.py LoopConfig has no __post_init__: --loop.steps / grad_accum / log_every / "
-               "ckpt_every / eval_every <= 0 and a NaN --loop.lr run on or fail deep (ZeroDivisionError, the "
-               "optimiser's ValueError, or a run that does nothing); check them in LoopConfig.__post_init__ (a "
-               "ValueError there becomes a ConfigError naming the key), and --batch_size >= 1 in the stage configs")
-
-
 @pytest.mark.parametrize("setting", ["--loop.steps=-3", "--loop.grad_accum=0", "--loop.log_every=0",
                                      "--loop.ckpt_every=0", "--loop.lr=nan", "--batch_size=0"])
-@gap(LOOP_VALUES)
 def test_loop_settings_out_of_range(corpus, tmp_path, capsys, setting):
     refused(capsys, "train_prior", PRIOR + [f"--tokens={corpus.tokens}", f"--out={tmp_path / 'out'}", setting],
             setting.split("=")[0].lstrip("-"))
 
 
 @pytest.mark.parametrize("setting", ["--val_fraction=2", "--shard_max_count=0"])
-@gap("pipelines/make_shards.py MakeShardsConfig: --val_fraction outside [0, 1) silently puts every sample in val "
-     "(then train_tokenizer finds no train split) and --shard_max_count=0 writes one sample per shard; check them "
-     "in a __post_init__ (ValueError -> ConfigError naming the key)")
 def test_shard_settings_out_of_range(tmp_path, capsys, setting):
     refused(capsys, "make_shards", ["--source=digits", f"--out={tmp_path / 'out'}", setting],
             setting.split("=")[0].lstrip("-"))

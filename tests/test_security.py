@@ -128,27 +128,26 @@ def test_a_crafted_lpips_weight_file_runs_nothing(tmp_path):
     from pipelines.lpips_weights import load_weight_file
     marker = tmp_path / "pwned"
     (tmp_path / "vgg16.pth").write_bytes(crafted("pathlib.Path.touch", marker))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UserError, match="`vgg16_path`=.*not a weights-only state dict file"):
         load_weight_file(str(tmp_path / "vgg16.pth"), "vgg16_path")
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipelines/train_tokenizer.py build_losses catches (KeyError, ValueError, FileNotFoundError) only, so a weight "
-    "file that torch.load(weights_only=True) refuses (pickle.UnpicklingError; a truncated file: RuntimeError) reaches "
-    "the command as a traceback (safe: nothing runs); pipelines/lpips_weights.py load_weight_file should raise a "
-    "UserError naming the setting: f'`{setting}`={path}: not a weights-only state dict file ({reason})'"))
 def test_a_crafted_lpips_weight_file_is_one_line(tmp_path, capsys, media):
     marker = tmp_path / "pwned"
     (tmp_path / "vgg16.pth").write_bytes(crafted("os.system", marker))
+    capsys.readouterr()
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             run(train_tokenizer.main, train_tokenizer.TrainTokenizerConfig, [
                 f"--data={media}", f"--out={tmp_path / 'run'}", "--model.size=tiny",
                 '--losses.weights={"recon/l1": 1, "perceptual/lpips": 1}',
                 f"--losses.vgg16_path={tmp_path / 'vgg16.pth'}", f"--losses.lpips_lin_path={tmp_path / 'vgg16.pth'}"])
     finally:
         assert not marker.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "`vgg16_path`=" in err[0] and "not a weights-only state dict file" in err[0], err
 
 
 # ----------------------------------------------------------------------------------------------------- shards

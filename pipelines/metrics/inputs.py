@@ -12,6 +12,7 @@ processes themselves (media_loader does, by RANK/WORLD_SIZE); pipelines/metrics/
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -54,24 +55,66 @@ def from_integers(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"inputs: expected uint8 pixels or int16 samples, got {x.dtype}")
 
 
+SAMPLES_FORMAT, SAMPLES_VERSIONS = "simvq-samples", (1, 2)  # what pipelines/sample.py writes (now version 2)
+SHARD_FORMATS = {"simvq-media-shards": "media", "simvq-token-shards": "token"}
+
+
+def _again(samples_dir: str | Path) -> str:
+    return f"make the samples again: `python -m pipelines.sample --out=<a new directory>` (--samples={samples_dir})"
+
+
 def sample_manifest(samples_dir: str | Path, data_manifest_sha: str) -> tuple[dict, list[dict]]:
-    """(a sample manifest, its per-sample records), refusing samples whose tokens came from another dataset."""
+    """(a sample manifest, its per-sample records), refusing a manifest of another format or version, a damaged one,
+    and samples whose tokens came from another dataset."""
     path = Path(samples_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{path} not found: run `python -m pipelines.sample --out={samples_dir}` first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError:  # not UTF-8 or not JSON
+        raise UserError(f"{path} is not a JSON manifest; {_again(samples_dir)}") from None
+    kind = manifest.get("format") if isinstance(manifest, dict) else None
+    if kind in SHARD_FORMATS:
+        raise UserError(f"{samples_dir} holds {SHARD_FORMATS[kind]} shards, not samples: pass the --out of "
+                        f"`python -m pipelines.sample` as --samples (shards go to --data)")
+    if kind != SAMPLES_FORMAT or manifest.get("version") not in SAMPLES_VERSIONS:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise UserError(f"{path} has format {kind!r} version {version!r}; this code reads {SAMPLES_FORMAT!r} versions "
+                        f"{', '.join(map(str, SAMPLES_VERSIONS))}: {_again(samples_dir)}")
+    key = "samples" if manifest["version"] >= 2 else "images"  # 1: png files only
+    items = manifest.get(key)
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("path"), str) for i in items):
+        raise UserError(f"{path} has no {key!r} list of sample records (each with a path); {_again(samples_dir)}")
+    if manifest.get("extension", "png") not in SAMPLE_READERS:
+        raise UserError(f"{path}: extension {manifest['extension']!r} is not one of {sorted(SAMPLE_READERS)}; "
+                        f"{_again(samples_dir)}")
     source = manifest.get("source_manifest_sha256")
     if source != data_manifest_sha:
         raise UserError(f"{path}: these samples come from a prior trained on data with manifest sha256 {source}, "
                         f"but --data's manifest is {data_manifest_sha}: evaluate against the dataset the prior "
                         f"was trained on")
-    return manifest, manifest["samples"] if manifest["version"] >= 2 else manifest["images"]  # 1: png files only
+    return manifest, items
 
 
 def read_samples(samples_dir: str | Path, manifest: dict, items: Sequence[dict]) -> torch.Tensor:
-    """The files of `items` (records of `manifest`), stacked: uint8 (n, 3, H, W) | int16 (n, 1, T)."""
+    """The files of `items` (records of `manifest`), stacked: uint8 (n, 3, H, W) | int16 (n, 1, T). A path that
+    leaves `samples_dir`, a missing or unreadable file and files of different shapes are UserErrors."""
     read = SAMPLE_READERS[manifest.get("extension", "png")]
-    return torch.stack([read(Path(samples_dir) / item["path"]) for item in items])
+    xs = []
+    for item in items:
+        relative = Path(os.path.normpath(item["path"]))  # lexical: a symlinked media/ folder stays allowed
+        if relative.is_absolute() or relative.parts[:1] == ("..",):
+            raise UserError(f"{Path(samples_dir) / 'manifest.json'} lists {item['path']!r}, outside {samples_dir}: "
+                            f"it was not written by pipelines.sample; {_again(samples_dir)}")
+        try:
+            xs.append(read(Path(samples_dir) / relative))
+        except (OSError, ValueError, RuntimeError, SyntaxError) as e:  # missing, truncated (PIL, libsndfile)
+            raise UserError(f"{Path(samples_dir) / relative}: cannot read this sample file ({e}); "
+                            f"{_again(samples_dir)}") from None
+        if xs[-1].shape != xs[0].shape:
+            raise UserError(f"{Path(samples_dir) / relative} holds {tuple(xs[-1].shape)}, the other samples "
+                            f"{tuple(xs[0].shape)}; {_again(samples_dir)}")
+    return torch.stack(xs)
 
 
 def load_samples(samples_dir: str | Path, data_manifest_sha: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
