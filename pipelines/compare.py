@@ -313,10 +313,10 @@ def cell(r: dict, key: str, spec: str, best: dict | None) -> str:
     if v is None:
         return "–"
     text = spec.format(v)
-    if key in r["std"]:
+    if r["std"].get(key):  # a spread of exactly 0 (a token count) is left out, as is an interval of one point
         text += " ± " + spec.format(r["std"][key])
     interval = r["intervals"].get(key)
-    if interval:
+    if interval and interval[0] != interval[1]:
         text += f" [{spec.format(interval[0])}, {spec.format(interval[1])}]"
     if best is r:
         return f"**{text}**"
@@ -358,10 +358,10 @@ def describe(order: list[dict], key: str, label: str, spec: str) -> str:
 def gap(a: dict, b: dict, key: str, spec: str) -> str:
     """How far row a is from row b in one metric, and whether that exceeds their intervals."""
     va, vb = a["metrics"][key], b["metrics"][key]
-    rel = f", {abs(va - vb) / abs(vb):.0%}" if vb else ""
+    rel = f" ({abs(va - vb) / abs(vb):.0%})" if vb else ""
     beyond = disjoint(a["intervals"].get(key), b["intervals"].get(key))
-    return (f"{spec.format(va)} vs {spec.format(vb)} (a gap of {spec.format(abs(va - vb))}{rel}, "
-            f"{'larger than' if beyond else 'within'} their intervals)")
+    return (f"{spec.format(va)} vs {spec.format(vb)} for {b['preset']}, a gap of {spec.format(abs(va - vb))}{rel}, "
+            f"{'larger than' if beyond else 'within'} their intervals")
 
 
 def finding(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
@@ -389,8 +389,8 @@ def finding(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
             (rl, rs), (gl, gs) = by_key[recon_key], by_key[gen_key]
             lines.append(
                 f"- They disagree: {rb['preset']}, best on {rl}, ranks {g_order.index(rb) + 1} of {len(g_order)} on "
-                f"{gl} ({gap(rb, gb, gen_key, gs)} for {gb['preset']}); {gb['preset']}, best on {gl}, ranks "
-                f"{r_order.index(gb) + 1} of {len(r_order)} on {rl} ({gap(gb, rb, recon_key, rs)}).")
+                f"{gl}: {gap(rb, gb, gen_key, gs)}. {gb['preset']}, best on {gl}, ranks "
+                f"{r_order.index(gb) + 1} of {len(r_order)} on {rl}: {gap(gb, rb, recon_key, rs)}.")
     return ["## Finding (written by compare from the numbers above)", "", *lines, ""] if lines else []
 
 
