@@ -86,7 +86,7 @@ def write_samples(folder, clips, labels, data):
         soundfile.write(path, x[0].numpy(), 16000, subtype="PCM_16")
         items.append({"path": str(path.relative_to(folder)), "label": int(label)})
     (folder / "manifest.json").write_text(json.dumps({
-        "version": 2, "extension": "wav", "samples": items,
+        "format": "simvq-samples", "version": 2, "extension": "wav", "samples": items,
         "source_manifest_sha256": sha256_file(data / "manifest.json")}))
     return folder
 
