@@ -555,3 +555,27 @@ def test_real_commands_print_one_line_and_no_traceback(corpus, tmp_path):
         assert procs[argv].returncode == 2 and "Traceback" not in err, (argv, err)
         assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: error: ") and says in lines[0], (argv, err)
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+AUDIO_SAMPLE_CASES = {
+    "corrupt wav in a shard": lambda f: {**f, "wav": f["wav"][:20]},
+    "sample without its wav": lambda f: {"cls": f["cls"]},
+    "non-integer cls": lambda f: {**f, "cls": b"x"},
+}
+
+
+@pytest.mark.parametrize("case", list(AUDIO_SAMPLE_CASES))
+def test_damaged_audio_shards_in_the_whole_clip_reader(tmp_path, capsys, case):
+    """reconstruct (and evaluate) read audio val clips whole (pipelines/metrics/audio_eval.full_clips), not through the
+    loaders: a damaged sample there is one line naming the shard and the key too."""
+    from helpers import tone_shards
+    from pipelines.checkpoint import save_checkpoint
+    from pipelines.config import to_dict
+    from tokenizer import TokenizerConfig, build_tokenizer
+    media = tone_shards(tmp_path, per_class=3, rate=8_000, clip_seconds=0.512)
+    cfg = TokenizerConfig(size="audio-s", dims=1, in_channels=1, num_codes=16)
+    save_checkpoint(tmp_path / "tok", config={"kind": "tokenizer", "config": to_dict(cfg)},
+                    weights={"model": build_tokenizer(cfg).state_dict()})
+    every_sample(media, AUDIO_SAMPLE_CASES[case])
+    refused(capsys, "reconstruct", [f"--data={media}", f"--tokenizer={tmp_path / 'tok'}", f"--out={tmp_path / 'r'}",
+                                    "--device=cpu", "--usage_split=", "--audio.speech_metrics="], "is damaged")

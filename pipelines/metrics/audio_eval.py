@@ -32,7 +32,7 @@ import torch
 
 from data.audio import read_audio
 from data.errors import UserError
-from data.shards import iter_shard_samples, read_manifest, shard_urls
+from data.shards import damaged, iter_shard_samples, read_manifest, shard_urls
 from pipelines.metrics.audio import mel_distance, si_sdr, snr, stft_distance
 from pipelines.metrics.fid import FidelityConfig, metrics_from_features
 from pipelines.metrics.grids import recon_grid, write_png
@@ -70,11 +70,14 @@ def full_clips(data: str | Path, split: str, limit: int = 0, seed: int = 0) -> l
     clips = []
     for path in shard_urls(data, manifest.shard_names.get(split, [])):
         for key, fields in iter_shard_samples(path):
-            wav, rate = read_audio(fields[manifest.field_name])
+            try:
+                (wav, rate), label = read_audio(fields[manifest.field_name]), int(fields["cls"])
+            except (KeyError, ValueError) as exc:  # a member missing, undecodable bytes (MediaError), a bad .cls
+                raise damaged(path, key, exc) from None
             if rate != manifest.spec.sample_rate:
                 raise UserError(f"{path}: sample {key!r} is {rate} Hz but the manifest says "
                                 f"{manifest.spec.sample_rate} Hz; re-shard with `python -m pipelines.make_shards`")
-            clips.append(Clip(key, torch.from_numpy(wav).unsqueeze(0), int(fields.get("cls", b"-1"))))
+            clips.append(Clip(key, torch.from_numpy(wav).unsqueeze(0), label))
     if limit and limit < len(clips):
         keep = sorted(random.Random(seed).sample(range(len(clips)), limit))
         clips = [clips[i] for i in keep]
