@@ -379,7 +379,14 @@ def finding(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
     lines = []
     for key in (recon_key, gen_key):
         if key:
-            lines.append("- " + describe(ranked(tokenizers, key), key, by_key[key][0], by_key[key][1]))
+            lines.append("- " + describe(ranked(tokenizers, key), key, by_key[key][0], by_key[key][1])
+                         .replace(": best ", ": best tokenizer " if len(tokenizers) < len(rows) else ": best ", 1))
+    codecs = ranked([r for r in rows if r.get("codec")], recon_key) if recon_key else []
+    if codecs:  # the classical codec rows (no prior): where the best tokenizer stands against the best of them
+        label, spec = by_key[recon_key]
+        lines.append(f"- Against the classical codecs on {label}: the best tokenizer, "
+                     f"{ranked(tokenizers, recon_key)[0]['preset']}, has "
+                     f"{gap(ranked(tokenizers, recon_key)[0], codecs[0], recon_key, spec)}.")
     if recon_key and gen_key:
         r_order, g_order = ranked(tokenizers, recon_key), ranked(tokenizers, gen_key)
         rb, gb = r_order[0], g_order[0]
