@@ -117,3 +117,19 @@ def convert_official(kind: str, state, ema: bool = True, net: dict | None = None
     check_against(sd, model.state_dict(), f"the {kind} fixture")
     model.load_state_dict(sd)
     return model, cfg
+
+
+def python_m(module: str, *argv: str, processes: int = 1, timeout: int = 600) -> str:
+    """`python -m <module> argv` in a fresh process from the repository root (as a user runs it: a pytest worker that
+    has run other tests can hold process-wide state that moves a float's last bit), or in `processes` CPU processes
+    through torch.distributed.run (what `accelerate launch --multi_gpu` runs); one thread each. Returns stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = ("torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m") if processes > 1 else ()
+    proc = subprocess.run([sys.executable, "-m", *launcher, module, *argv], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout

@@ -34,6 +34,7 @@ from pipelines.checkpoint import (latest_checkpoint, load_checkpoint, load_state
 from pipelines.config import parse_config, to_dict
 from tokenizer import TokenizerConfig, build_tokenizer
 
+from helpers import python_m
 from test_train_prior import write_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,15 +79,6 @@ def read_log(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in records]
 
 
-def python_m(module: str, argv: list[str]) -> None:
-    """`python -m <module> argv` in a fresh process, as the killed run is: a pytest worker that has run other tests
-    can hold process-wide state that moves a float's last bit, and these comparisons are bit for bit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def assert_same_curve(reference: Path, interrupted: Path, redone_steps: set[int]) -> None:
     """Every record of the interrupted run (killed part + resumed part) equals the reference's record of that step and
     kind, every reference record is there, and the steps between the last checkpoint and the kill appear twice."""
@@ -129,7 +121,7 @@ checkpoint.save_file = save_file
 def test_train_tokenizer_killed_inside_a_checkpoint_write_resumes_on_the_same_curve(digits_shards, tmp_path):
     common = TOKENIZER + [f"--data={digits_shards}"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    python_m("pipelines.train_tokenizer", common + [f"--out={reference}"])
+    python_m("pipelines.train_tokenizer", *common, f"--out={reference}")
 
     run_until_killed(tmp_path, BLOCK_IN_SAVE, "pipelines.train_tokenizer", common + [f"--out={killed}"])
     checkpoints = killed / "checkpoints"
@@ -139,7 +131,7 @@ def test_train_tokenizer_killed_inside_a_checkpoint_write_resumes_on_the_same_cu
     with pytest.raises(UserError, match="already holds checkpoints: pass --loop.resume=true"):
         train_tokenizer.main(parse_config(train_tokenizer.TrainTokenizerConfig, common + [f"--out={killed}"]))
 
-    python_m("pipelines.train_tokenizer", common + [f"--out={killed}", "--resume"])
+    python_m("pipelines.train_tokenizer", *common, f"--out={killed}", "--resume")
     assert_same_curve(reference, killed, redone_steps={3, 4})
     final = "checkpoints/step-000000006"
     assert_same_files(reference / final, killed / final, ["model.safetensors", "raw.safetensors", "d.safetensors"])
@@ -167,13 +159,13 @@ def test_train_prior_killed_mid_step_resumes_on_the_same_curve(tmp_path):
     tokens = write_tokens(tmp_path / "tokens", n_train=96, n_val=16)
     common = PRIOR + [f"--tokens={tokens}"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    python_m("pipelines.train_prior", common + [f"--out={reference}"])
+    python_m("pipelines.train_prior", *common, f"--out={reference}")
 
     run_until_killed(tmp_path, BLOCK_BEFORE_UPDATE, "pipelines.train_prior", common + [f"--out={killed}"])
     assert latest_checkpoint(killed).name == "step-000000004"
     assert max(r["step"] for r in read_log(killed)) == 5  # the killed run got past its last checkpoint
 
-    python_m("pipelines.train_prior", common + [f"--out={killed}", "--resume"])
+    python_m("pipelines.train_prior", *common, f"--out={killed}", "--resume")
     assert_same_curve(reference, killed, redone_steps={5})
     final = "checkpoints/step-000000006"
     assert_same_files(reference / final, killed / final, ["model.safetensors", "raw.safetensors"])
@@ -206,7 +198,7 @@ def test_encode_shards_killed_inside_a_shard_reruns_to_the_same_bytes(tmp_path):
                     weights={"model": build_tokenizer(tok_cfg).state_dict()})
     common = [f"--data={media}", f"--tokenizer={tmp_path / 'tok'}", "--device=cpu", "--batch_size=4"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    python_m("pipelines.encode_shards", common + [f"--out={reference}"])
+    python_m("pipelines.encode_shards", *common, f"--out={reference}")
 
     run_until_killed(tmp_path, BLOCK_IN_SHARD, "pipelines.encode_shards", common + [f"--out={killed}"])
     assert len(list_shards(killed, "train")) == 2 and len(temps(killed)) == 1  # killed inside the third shard
@@ -215,7 +207,7 @@ def test_encode_shards_killed_inside_a_shard_reruns_to_the_same_bytes(tmp_path):
         load_tokens(killed, "train")
     finished = {p.name: p.stat().st_ino for p in list_shards(killed, "train")}
 
-    python_m("pipelines.encode_shards", common + [f"--out={killed}"])
+    python_m("pipelines.encode_shards", *common, f"--out={killed}")
     names = sorted(p.name for split in ("train", "val") for p in list_shards(reference, split))
     assert sorted(p.name for p in killed.glob("*.tar")) == names and len(names) >= 8  # and no temp file
     assert_same_files(reference, killed, names + ["manifest.json"])

@@ -24,7 +24,7 @@ from pipelines import sample, train_prior
 from pipelines.checkpoint import save_checkpoint
 from pipelines.config import parse_config, to_dict
 from tokenizer import TokenizerConfig, build_tokenizer
-from helpers import tone_shards
+from helpers import python_m, tone_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 64
@@ -73,15 +73,8 @@ def tiny_run(root: Path, shards: Path) -> tuple[Path, Path]:
 
 
 def torchrun(*argv: str, processes: int = 2) -> str:
-    """`python -m <argv>` in 2 CPU processes (through torch.distributed.run); their stdout. processes=1: a plain
-    `python -m` in a fresh process, the one-process reference (a pytest worker's process has run other tests, whose
-    process-wide state can move a float's last bit)."""
-    cmd = [sys.executable, "-m", *(("torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m")
-                                   if processes > 1 else ()), *argv]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    """`python -m <argv>` in 2 CPU processes (processes=1: one fresh process, the one-process reference)."""
+    return python_m(*argv, processes=processes, timeout=300)
 
 
 def sample_files(folder: Path) -> list[Path]:
